@@ -1,0 +1,417 @@
+"""Hyper-parameters as dataclasses that become command-line flags (open_lth style).
+
+A run is described by one :class:`RunConfig`: four sections (:class:`DataHparams`,
+:class:`ModelHparams`, :class:`PruneHparams`, :class:`TrainHparams`) plus the run-level fields
+(command, output folder, resume/force, input checkpoint). Every section field becomes a flag
+``--field-name`` (field names are unique across sections), so
+
+    defaults  <  method defaults (``METHOD_DEFAULTS``)  <  ``--config FILE.yaml``  <  flags
+
+is the precedence order. Fields left at ``None`` whose meaning depends on the method (``epochs``,
+``lr``, ``weight_decay``, ``structure``) are filled from ``METHOD_DEFAULTS`` by
+:meth:`RunConfig.resolved`; the resolved config is what a run records in its checkpoint.
+
+Paper settings (docs: ../shared/SPEC.md §4-6; Zhang et al. 2022, "Advancing Model Pruning via
+Bi-level Optimization", appendix):
+
+- BiP: 100 epochs, lower-level (weight) lr 0.01, upper-level (score) lr 0.1, gamma 1.0,
+  SGD momentum 0.9, weight decay 1e-4 (the authors' configs), batch 128, cosine schedule (SPEC §4).
+- Dense / IMP / OMP (re)training: lr 0.1, momentum 0.9, batch 128, cosine, 160 epochs (the
+  usual CIFAR ResNet schedule the paper's baselines follow), weight decay 5e-4 (our choice: the
+  common CIFAR value for dense training; the authors' BiP configs use 1e-4 — pass
+  ``--weight-decay 1e-4`` to match them). IMP prunes 20% of the remaining weights per round
+  (SPEC §5) and rewinds to epoch ``rewind_epoch`` (default 3) of its dense round 0.
+- Hydra: score phase 20 epochs at score lr 0.1, then finetuning 100 epochs at lr 0.01 (Sehwag et
+  al. 2020 CIFAR settings), weight decay 5e-4 (Hydra's default), layer-wise structure.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, Tuple
+
+__all__ = [
+    "METHODS", "COMMANDS", "STRUCTURES", "VARIANTS", "SCHEDULES", "SCORE_INITS", "DATASETS",
+    "METHOD_DEFAULTS", "DataHparams", "ModelHparams", "PruneHparams", "TrainHparams", "RunConfig",
+    "add_flags", "load_yaml",
+]
+
+METHODS = ("bip", "imp", "omp", "hydra", "dense")
+COMMANDS = ("pretrain", "prune", "finetune", "eval", "export")
+STRUCTURES = ("global", "layer", "filter", "channel", "nm")
+VARIANTS = ("paper", "official")
+SCHEDULES = ("alternating", "fused")
+SCORE_INITS = ("magnitude", "hydra")
+DATASETS = ("cifar10", "cifar100")
+
+# Values a field left at None takes, per method (see the module docstring for the sources).
+METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "bip": {"epochs": 100, "lr": 0.01, "weight_decay": 1e-4, "structure": "global"},
+    "dense": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
+    "imp": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
+    "omp": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
+    "hydra": {"epochs": 100, "lr": 0.01, "weight_decay": 5e-4, "structure": "layer"},
+}
+
+
+def _f(default, help: str, **meta):
+    meta["help"] = help
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataHparams:
+    dataset: str = _f("cifar10", "dataset: cifar10 or cifar100")
+    data_dir: Optional[str] = _f(None, "folder holding cifar-10-batches-py (default: $BIP_FAST_DATA or ./data)")
+    batch_size: int = _f(128, "global training batch size (all ranks together)")
+    test_batch_size: int = _f(500, "evaluation batch size")
+    subset: Optional[Tuple[int, int]] = _f(None, "class-balanced subset N_TRAIN N_TEST for quick runs",
+                                           nargs=2, metavar=("N_TRAIN", "N_TEST"))
+    channels_last: bool = _f(False, "channels_last memory format for images and conv weights")
+
+
+@dataclass
+class ModelHparams:
+    arch: str = _f("resnet18", "architecture: resnet20/32/44/56/110, resnet18, vgg16_bn or tv_<name>")
+    pretrained: Optional[str] = _f(None, "prune: dense model to start from (model.pt, checkpoint.pt or a run folder)")
+
+
+@dataclass
+class PruneHparams:
+    method: str = _f("bip", "bip, imp, omp, hydra or dense")
+    sparsity: float = _f(0.9, "fraction of prunable weights removed, in [0, 1)")
+    structure: Optional[str] = _f(None, "global, layer, filter, channel or nm (default per method)")
+    variant: str = _f("paper", "BiP variant: paper or official (the authors' effective update)")
+    schedule: str = _f("alternating", "BiP schedule: alternating (2 passes) or fused (1 pass)")
+    score_lr: float = _f(0.1, "upper-level (score) learning rate (BiP, Hydra)")
+    score_weight_decay: Optional[float] = _f(None, "score weight decay (default: BiP 0, Hydra 5e-4)")
+    gamma: float = _f(1.0, "BiP gamma: the implicit-gradient term is scaled by 1/gamma")
+    lr2: float = _f(1e-4, "official BiP variant: implicit-gradient coefficient")
+    score_init: str = _f("magnitude", "BiP score init: magnitude or hydra")
+    imp_rate: float = _f(0.2, "IMP: fraction of remaining weights pruned per round")
+    rewind_epoch: int = _f(3, "IMP: epoch of dense round 0 the weights rewind to (0 with --pretrained)")
+    hydra_score_epochs: int = _f(20, "Hydra: epochs of the score phase (then --epochs of finetuning)")
+    pretrain_epochs: Optional[int] = _f(None, "prune without --pretrained: epochs of the dense phase run first "
+                                              "(default: the dense schedule, 160)")
+    nm_n: int = _f(2, "N of N:M structure")
+    nm_m: int = _f(4, "M of N:M structure")
+
+
+@dataclass
+class TrainHparams:
+    epochs: Optional[int] = _f(None, "training epochs of the stage (default per method)")
+    lr: Optional[float] = _f(None, "base (weight) learning rate, cosine-annealed (default per method)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: Optional[float] = _f(None, "weight decay (default per method)")
+    seed: int = _f(0, "seed of model init, data order and subset choice")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    bf16: bool = _f(False, "bf16 autocast for forward/backward")
+    compile: bool = _f(False, "torch.compile the model (nn.Module.compile)")
+    log_interval: int = _f(50, "steps between device->host metric syncs (progress bar)")
+    progress: bool = _f(True, "tqdm progress bars (shown on a terminal only)")
+
+
+SECTIONS = (("data", DataHparams), ("model", ModelHparams), ("prune", PruneHparams), ("train", TrainHparams))
+_FIELD_SECTION: Dict[str, str] = {}
+for _sec, _cls in SECTIONS:
+    for _fl in fields(_cls):
+        assert _fl.name not in _FIELD_SECTION, f"duplicate hparam name {_fl.name}"
+        _FIELD_SECTION[_fl.name] = _sec
+_RUN_FIELDS = ("command", "out", "resume", "force", "checkpoint")
+
+
+def _base_type(tp):
+    """(python type, is_optional, is_tuple) of a field annotation."""
+    if isinstance(tp, str):
+        tp = eval(tp, dict(vars(typing)), {})  # annotations are strings (from __future__)
+    origin = typing.get_origin(tp)
+    optional = False
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = True
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin in (tuple, Tuple):
+        return typing.get_args(tp)[0], optional, True
+    return tp, optional, False
+
+
+def _coerce(name: str, value, tp, optional: bool, is_tuple: bool):
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name}: must not be empty (null)")
+    if is_tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError(f"{name}: expected two values, got {value!r}")
+        return tuple(_coerce(name, v, tp, False, False) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+                                           or isinstance(value, str)):
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, os.PathLike)):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
+        return os.fspath(value)
+    return value
+
+
+def _section_from_dict(cls, d: Dict[str, Any], where: str):
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+        if k not in known:
+            raise ValueError(f"{where}: unknown hyper-parameter {k!r}; valid: {', '.join(known)}")
+        tp, opt, tup = _base_type(known[k].type)
+        kwargs[k] = _coerce(k, v, tp, opt, tup)
+    return cls(**kwargs)
+
+
+def load_yaml(path) -> Dict[str, Any]:
+    """Read a YAML config (nested sections or flat keys) into a flat {field: value} dict."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config: file '{path}' does not exist")
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config: '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config: '{path}' must hold a mapping, got {type(raw).__name__}")
+    return flatten(raw, where=f"--config {path}")
+
+
+def flatten(d: Dict[str, Any], where: str = "config") -> Dict[str, Any]:
+    """Nested ``{section: {field: v}}`` and/or flat ``{field: v}`` -> flat dict (dashes allowed)."""
+    flat: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = str(k).replace("-", "_")
+        if key in dict(SECTIONS):
+            if v is None:
+                continue
+            if not isinstance(v, dict):
+                raise ValueError(f"{where}: section {key!r} must be a mapping, got {type(v).__name__}")
+            for k2, v2 in v.items():
+                k2 = str(k2).replace("-", "_")
+                if _FIELD_SECTION.get(k2) != key:
+                    raise ValueError(f"{where}: unknown hyper-parameter {key}.{k2}")
+                flat[k2] = v2
+        elif key in _FIELD_SECTION or key in _RUN_FIELDS:
+            flat[key] = v
+        else:
+            raise ValueError(f"{where}: unknown hyper-parameter {k!r}")
+    return flat
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. ``command`` in COMMANDS; ``out`` the run folder; ``checkpoint``
+    the input of finetune/eval/export; ``resume``/``force`` the output-folder policy."""
+
+    command: str = "prune"
+    out: Optional[str] = None
+    resume: bool = False
+    force: bool = False
+    checkpoint: Optional[str] = None
+    data: DataHparams = field(default_factory=DataHparams)
+    model: ModelHparams = field(default_factory=ModelHparams)
+    prune: PruneHparams = field(default_factory=PruneHparams)
+    train: TrainHparams = field(default_factory=TrainHparams)
+
+    # -- dict / yaml ----------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        d = {k: getattr(self, k) for k in _RUN_FIELDS}
+        for sec, _ in SECTIONS:
+            sd = dataclasses.asdict(getattr(self, sec))
+            if sd.get("subset") is not None:
+                sd["subset"] = list(sd["subset"])
+            d[sec] = sd
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "RunConfig":
+        flat = flatten(d)
+        return cls.from_flat(flat)
+
+    @classmethod
+    def from_flat(cls, flat: Dict[str, Any]) -> "RunConfig":
+        per = {sec: {} for sec, _ in SECTIONS}
+        run = {}
+        for k, v in flat.items():
+            if k in _RUN_FIELDS:
+                run[k] = v
+            elif k in _FIELD_SECTION:
+                per[_FIELD_SECTION[k]][k] = v
+            else:
+                raise ValueError(f"config: unknown hyper-parameter {k!r}")
+        for k in ("resume", "force"):
+            if k in run:
+                run[k] = _coerce(k, run[k], bool, False, False)
+        for k in ("command", "out", "checkpoint"):
+            if k in run and run[k] is not None:
+                run[k] = _coerce(k, run[k], str, True, False)
+        secs = {sec: _section_from_dict(c, per[sec], sec) for sec, c in SECTIONS}
+        return cls(**run, **secs)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path) -> "RunConfig":
+        return cls.from_flat(load_yaml(path))
+
+    def flat(self) -> Dict[str, Any]:
+        out = {k: getattr(self, k) for k in _RUN_FIELDS}
+        for sec, _ in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, sec)))
+        return out
+
+    def replace(self, **changes) -> "RunConfig":
+        """A copy with flat field changes (``cfg.replace(lr=0.05, epochs=2)``)."""
+        flat = self.flat()
+        for k in changes:
+            if k not in flat:
+                raise ValueError(f"replace: unknown hyper-parameter {k!r}")
+        flat.update(changes)
+        return RunConfig.from_flat(flat)
+
+    # -- defaults + validation --------------------------------------------------------------
+    def resolved(self) -> "RunConfig":
+        """Fill the per-method defaults (None fields) and validate; returns a new config."""
+        method = self.prune.method
+        if method not in METHODS:
+            raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+        md = METHOD_DEFAULTS[method]
+        flat = self.flat()
+        for k, v in md.items():
+            if flat[k] is None:
+                flat[k] = v
+        if flat["score_weight_decay"] is None:
+            flat["score_weight_decay"] = 5e-4 if method == "hydra" else 0.0
+        cfg = RunConfig.from_flat(flat)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        from .models import ARCHS
+
+        c, d, m, p, t = self.command, self.data, self.model, self.prune, self.train
+        if c not in COMMANDS:
+            raise ValueError(f"command: expected one of {', '.join(COMMANDS)}, got {c!r}")
+        if d.dataset.lower().replace("-", "") not in DATASETS:
+            raise ValueError(f"dataset: expected one of {', '.join(DATASETS)}, got {d.dataset!r}")
+        arch = m.arch.lower()
+        if arch not in ARCHS and not arch.startswith("tv_"):
+            raise ValueError(f"arch: expected one of {', '.join(ARCHS)} or tv_<torchvision model>, got {m.arch!r}")
+        if p.method not in METHODS:
+            raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {p.method!r}")
+        if not (isinstance(p.sparsity, float) and math.isfinite(p.sparsity) and 0.0 <= p.sparsity < 1.0):
+            raise ValueError(f"sparsity: expected a value in [0, 1), got {p.sparsity!r}")
+        if p.structure is not None and p.structure not in STRUCTURES:
+            raise ValueError(f"structure: expected one of {', '.join(STRUCTURES)}, got {p.structure!r}")
+        if p.variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {p.variant!r}")
+        if p.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {p.schedule!r}")
+        if p.score_init not in SCORE_INITS:
+            raise ValueError(f"score_init: expected one of {', '.join(SCORE_INITS)}, got {p.score_init!r}")
+        if p.variant == "official" and p.schedule != "alternating":
+            raise ValueError("schedule: the official BiP variant is alternating only")
+        if not 0.0 < p.imp_rate < 1.0:
+            raise ValueError(f"imp_rate: expected a value in (0, 1), got {p.imp_rate!r}")
+        if not (p.gamma > 0):
+            raise ValueError(f"gamma: expected a positive value, got {p.gamma!r}")
+        for name, v in (("rewind_epoch", p.rewind_epoch), ("hydra_score_epochs", p.hydra_score_epochs)):
+            if v < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
+        if p.pretrain_epochs is not None and p.pretrain_epochs < 1:
+            raise ValueError(f"pretrain_epochs: expected an integer >= 1, got {p.pretrain_epochs!r}")
+        if not (isinstance(p.nm_n, int) and isinstance(p.nm_m, int) and 0 < p.nm_n <= p.nm_m):
+            raise ValueError(f"nm_n: expected 0 < nm_n <= nm_m, got {p.nm_n}:{p.nm_m}")
+        if t.epochs is not None and t.epochs < 1:
+            raise ValueError(f"epochs: expected an integer >= 1, got {t.epochs!r}")
+        for name, v in (("lr", t.lr), ("score_lr", p.score_lr)):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}: expected a positive number, got {v!r}")
+        for name, v in (("momentum", t.momentum), ("weight_decay", t.weight_decay),
+                        ("score_weight_decay", p.score_weight_decay), ("lr2", p.lr2)):
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}: expected a non-negative number, got {v!r}")
+        for name, v in (("batch_size", d.batch_size), ("test_batch_size", d.test_batch_size),
+                        ("log_interval", t.log_interval)):
+            if v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        if d.subset is not None and (d.subset[0] < 1 or d.subset[1] < 1):
+            raise ValueError(f"subset: expected two positive integers N_TRAIN N_TEST, got {list(d.subset)}")
+        dev = t.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {dev!r}")
+        if c == "pretrain" and p.method != "dense":
+            raise ValueError(f"method: pretrain trains the dense model (method dense), got {p.method!r}")
+        if c == "prune" and p.method == "dense":
+            raise ValueError("method: prune needs a pruning method (bip, imp, omp or hydra), got 'dense' "
+                             "(use the pretrain command)")
+        if c == "prune" and p.sparsity <= 0.0:
+            raise ValueError(f"sparsity: prune needs a sparsity in (0, 1), got {p.sparsity!r}")
+        if c in ("finetune", "eval", "export") and not self.checkpoint:
+            raise ValueError(f"checkpoint: {c} needs --checkpoint PATH (a run folder, checkpoint.pt or model.pt)")
+        if c != "eval" and not self.out:
+            raise ValueError(f"out: {c} needs --out DIR")
+
+
+# --------------------------------------------------------------------------------------------
+# argparse
+# --------------------------------------------------------------------------------------------
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per hyper-parameter field. Flags default to "not given" (SUPPRESS), so that
+    only explicitly passed flags override the config file."""
+    for sec, cls in SECTIONS:
+        group = parser.add_argument_group(f"{sec} hyper-parameters")
+        for fl in fields(cls):
+            tp, optional, is_tuple = _base_type(fl.type)
+            flag = "--" + fl.name.replace("_", "-")
+            meta = dict(fl.metadata)
+            helptext = meta.pop("help", "")
+            default = fl.default
+            if default is not dataclasses.MISSING and default is not None:
+                helptext += f" (default: {default})"
+            kw: Dict[str, Any] = {"dest": fl.name, "default": argparse.SUPPRESS, "help": helptext}
+            if tp is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = tp
+                kw.update(meta)
+                if "metavar" not in kw:
+                    kw["metavar"] = fl.name.upper()
+            group.add_argument(flag, **kw)

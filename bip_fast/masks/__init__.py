@@ -1,0 +1,118 @@
+"""Projection of scores onto a sparsity constraint (SPEC §2), for every structure.
+
+All structures share one selection machinery, :func:`bip_fast.ops.topk_masks` (multi-tensor radix
+select with the (tensor, flat index) tie rule): global runs it once over all layers, layer-wise once
+per layer, filter/channel-wise on each layer's vector of L2 norms, N:M on |s| grouped by M.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+
+from .. import ops
+from ..ops import keep_count
+
+STRUCTURES = ("global", "layer", "filter", "channel", "nm")
+
+__all__ = ["STRUCTURES", "project", "apply_masks", "keep_count", "density_of", "save_masks", "load_masks"]
+
+
+def _check_density(density) -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"density: expected a float, got {type(density).__name__}")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density: expected a value in (0, 1] (sparsity in [0, 1)), got {density}")
+    return float(density)
+
+
+def project(
+    scores: Sequence[torch.Tensor],
+    density: float,
+    structure: str = "global",
+    *,
+    n: int = 2,
+    m: int = 4,
+    backend: Optional[str] = None,
+) -> List[torch.Tensor]:
+    """Bool masks keeping a fraction ``density`` of the weights under ``structure``."""
+    density = _check_density(density)
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
+    scores = list(scores)
+    if structure == "global":
+        total = sum(s.numel() for s in scores)
+        return ops.topk_masks(scores, keep_count(total, density), backend=backend)
+    if structure == "layer":
+        return [ops.topk_masks([s], keep_count(s.numel(), density), backend=backend)[0] for s in scores]
+    if structure in ("filter", "channel"):
+        out = []
+        for i, s in enumerate(scores):
+            if s.dim() < 2:
+                raise ValueError(f"scores[{i}]: {structure}-wise pruning needs a weight of >= 2 dims, got {tuple(s.shape)}")
+            dim = 0 if structure == "filter" else 1
+            norms = s.detach().to(torch.float32).transpose(0, dim).reshape(s.shape[dim], -1).norm(dim=1)
+            keep = ops.topk_masks([norms], keep_count(norms.numel(), density), backend=backend)[0]
+            shape = [1] * s.dim()
+            shape[dim] = -1
+            out.append(keep.view(shape).expand(s.shape).contiguous())
+        return out
+    return [_nm_mask(s, n, m, i) for i, s in enumerate(scores)]
+
+
+def _nm_mask(s: torch.Tensor, n: int, m: int, i: int) -> torch.Tensor:
+    """Keep the n largest |s| in each group of m consecutive weights along the input dimension.
+
+    The input dimension of a conv weight (O, I, kh, kw) is its flattened (I, kh, kw) axis, the K
+    axis of the implicit GEMM. Ties go to the lower index, as everywhere.
+    """
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
+        raise ValueError(f"n/m: expected integers with 0 < n <= m, got {n}/{m}")
+    k = s[0].numel() if s.dim() > 1 else s.numel()
+    if k % m != 0:
+        raise ValueError(f"scores[{i}]: input dimension {k} is not a multiple of m={m} for {n}:{m} pruning")
+    a = s.detach().to(torch.float32).abs().reshape(-1, m)
+    order = torch.sort(a, dim=1, descending=True, stable=True).indices[:, :n]
+    mask = torch.zeros_like(a, dtype=torch.bool).scatter_(1, order, True)
+    return mask.view(s.shape)
+
+
+def apply_masks(modules: Iterable[torch.nn.Module], masks: Sequence[torch.Tensor]) -> None:
+    """Copy ``masks`` into the modules' mask buffers in place (compiled graphs stay valid)."""
+    modules = list(modules)
+    if len(modules) != len(masks):
+        raise ValueError(f"masks: expected {len(modules)} masks (one per masked module), got {len(masks)}")
+    for mod, mk in zip(modules, masks):
+        mod.set_mask(mk)
+
+
+def density_of(masks: Sequence[torch.Tensor]) -> float:
+    total = sum(mk.numel() for mk in masks)
+    return float(sum(int(mk.sum()) for mk in masks)) / max(total, 1)
+
+
+def save_masks(model: torch.nn.Module, path) -> None:
+    """Save {module name: bool mask} of a masked model (atomic write)."""
+    from ..engine.checkpoint import save_atomic
+    from ..nn import masked_modules
+
+    save_atomic({"format": "bip_fast.masks/1", "masks": {n: mod.mask.cpu() for n, mod in masked_modules(model)}}, path)
+
+
+def load_masks(model: torch.nn.Module, path) -> None:
+    """Load masks saved by :func:`save_masks` into a masked model, validating names and shapes."""
+    from ..engine.checkpoint import load
+    from ..nn import masked_modules
+
+    obj = load(path)
+    if not isinstance(obj, dict) or obj.get("format") != "bip_fast.masks/1":
+        raise ValueError(f"path: {path} is not a bip_fast mask file")
+    saved = obj["masks"]
+    mods = dict(masked_modules(model))
+    missing = sorted(set(mods) - set(saved))
+    extra = sorted(set(saved) - set(mods))
+    if missing or extra:
+        raise ValueError(f"path: mask file does not match the model (missing {missing}, unexpected {extra})")
+    for name, mod in mods.items():
+        mod.set_mask(saved[name].to(mod.mask.device))

@@ -1,0 +1,142 @@
+"""sparsify / finalize / sparsity_report and parameter groups of masked models."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .modules import MASKED_TYPES, MaskedConv2d, MaskedLinear
+
+Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+def _selector(sel: Selector, arg: str, names: List[str]) -> Optional[Callable[[str, nn.Module], bool]]:
+    if sel is None:
+        return None
+    if callable(sel):
+        return sel
+    patterns = [sel] if isinstance(sel, str) else list(sel)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{arg}: expected module names or glob patterns (str), got {type(p).__name__}")
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            raise ValueError(f"{arg}: {p!r} matches no nn.Conv2d / nn.Linear module; candidates: {names}")
+    return lambda name, _m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _to_masked(m: nn.Module) -> nn.Module:
+    dev, dt = m.weight.device, m.weight.dtype
+    if isinstance(m, nn.Conv2d):
+        new = MaskedConv2d(
+            m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+            m.bias is not None, m.padding_mode, device="meta", dtype=dt,
+        )
+    else:
+        new = MaskedLinear(m.in_features, m.out_features, m.bias is not None, device="meta", dtype=dt)
+    # Keep the very same Parameter objects, so optimisers holding them stay valid.
+    new.weight = m.weight
+    new.bias = m.bias
+    new.scores = nn.Parameter(m.weight.detach().to(torch.float32).clone())
+    new.mask = torch.ones(m.weight.shape, dtype=torch.bool, device=dev)
+    if m.weight.dim() == 4 and m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous():
+        new.scores.data = new.scores.data.contiguous(memory_format=torch.channels_last)
+        new.mask = new.mask.contiguous(memory_format=torch.channels_last)
+    new.train(m.training)
+    return new
+
+
+def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = None) -> nn.Module:
+    """Swap nn.Conv2d / nn.Linear modules for their masked versions in place; return the model.
+
+    ``include`` / ``exclude``: module names or glob patterns (e.g. ``"layer1.*"``), or a
+    callable ``(name, module) -> bool``. Weights and biases are kept (the same Parameters); scores
+    start as a float32 copy of the weights and masks as all-True. Already-masked modules are kept.
+    If ``model`` itself is a Conv2d/Linear, the new module is returned.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    cands = [
+        (n, m) for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, MASKED_TYPES) and type(m) in (nn.Conv2d, nn.Linear)
+    ]
+    names = [n for n, _ in cands]
+    inc = _selector(include, "include", names)
+    exc = _selector(exclude, "exclude", names)
+    for name, m in cands:
+        if inc is not None and not inc(name, m):
+            continue
+        if exc is not None and exc(name, m):
+            continue
+        new = _to_masked(m)
+        if name == "":
+            return new
+        _swap(model, name, new)
+    return model
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Turn masked modules back into plain nn.Conv2d / nn.Linear with the mask's zeros baked in."""
+    if isinstance(model, MASKED_TYPES):
+        return _to_plain(model)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, MASKED_TYPES):
+            _swap(model, name, _to_plain(m))
+    return model
+
+
+def _to_plain(m: nn.Module) -> nn.Module:
+    dev, dt = m.weight.device, m.weight.dtype
+    if isinstance(m, MaskedConv2d):
+        new = nn.Conv2d(
+            m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+            m.bias is not None, m.padding_mode, device="meta", dtype=dt,
+        )
+    else:
+        new = nn.Linear(m.in_features, m.out_features, m.bias is not None, device="meta", dtype=dt)
+    with torch.no_grad():
+        new.weight = nn.Parameter(m.weight.detach() * m.mask.to(dt), requires_grad=m.weight.requires_grad)
+        new.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
+    new.to(dev)
+    new.train(m.training)
+    return new
+
+
+def masked_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of every masked module, in registration order (the tie-break order)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MASKED_TYPES)]
+
+
+def prunable_parameters(model: nn.Module) -> List[nn.Parameter]:
+    return [m.weight for _, m in masked_modules(model)]
+
+
+def score_parameters(model: nn.Module) -> List[nn.Parameter]:
+    return [m.scores for _, m in masked_modules(model)]
+
+
+def other_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """Every parameter that is neither a masked weight nor a score (biases, norms, ...)."""
+    skip = {id(p) for p in prunable_parameters(model)} | {id(p) for p in score_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in skip]
+
+
+def sparsity_report(model: nn.Module) -> Dict[str, object]:
+    """Per-layer and total density of the masked modules' current masks."""
+    layers, total, kept = [], 0, 0
+    for name, m in masked_modules(model):
+        n = m.mask.numel()
+        k = int(m.mask.sum())
+        layers.append({"name": name, "shape": tuple(m.weight.shape), "numel": n, "kept": k, "density": k / n})
+        total += n
+        kept += k
+    density = kept / total if total else 1.0
+    return {"layers": layers, "numel": total, "kept": kept, "density": density, "sparsity": 1.0 - density}

@@ -1,0 +1,33 @@
+"""Pruning algorithms (one per file) and their registry.
+
+``get_algorithm(name)`` maps "bip", "imp", "omp", "hydra", "dense" to the classes; every class
+shares the :class:`Algorithm` interface (``step(batch, batch2=None) -> metrics``,
+``state_dict()``/``load_state_dict()``, ``masks()``, ``sparsity()``, ``param_groups``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Type
+
+from .base import Algorithm, SGDGroup, cosine_factor
+from .bip import BiP, init_scores
+from .dense import Dense
+from .hydra import Hydra
+from .imp import IMP
+from .omp import OMP
+
+ALGORITHMS: Dict[str, Type[Algorithm]] = {"bip": BiP, "imp": IMP, "omp": OMP, "hydra": Hydra, "dense": Dense}
+
+
+def get_algorithm(name: str) -> Type[Algorithm]:
+    """The algorithm class registered as ``name`` (case-insensitive)."""
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
+    try:
+        return ALGORITHMS[name.lower()]
+    except KeyError:
+        raise ValueError(f"name: unknown algorithm {name!r}; valid names: {sorted(ALGORITHMS)}") from None
+
+
+__all__ = ["Algorithm", "SGDGroup", "cosine_factor", "init_scores", "BiP", "IMP", "OMP", "Hydra", "Dense",
+           "ALGORITHMS", "get_algorithm"]

@@ -1,0 +1,342 @@
+"""Shared machinery of the pruning algorithms: validation, SGD groups, cosine schedule, state.
+
+Every algorithm is a small object around a model whose conv/linear layers are masked modules
+(:mod:`bip_fast.nn`). It owns its optimisers as :class:`SGDGroup` objects (plain PyTorch SGD
+semantics, dampening 0, no Nesterov, momentum buffers starting at zero, one
+:func:`bip_fast.ops.fused_sgd_` launch per group) and a step counter that drives an optional
+cosine schedule, so the whole training state is a handful of tensors and integers that
+``state_dict()`` captures and ``load_state_dict()`` restores for a bit-identical resume.
+
+``step(batch, batch2=None)`` returns ``{"loss", "correct", "count"}`` as 0-dim tensors taken from
+the training forward pass itself (no ``.item()``, no extra forward for logging).
+Gradients are cleared with ``p.grad = None`` and produced by ``loss.backward()`` (so DDP's
+all-reduce works); each optimiser then steps only its own parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..masks import STRUCTURES, apply_masks, project
+from ..nn import masked_modules, sparsify
+
+__all__ = ["Algorithm", "SGDGroup", "cosine_factor", "check_sparsity"]
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_number(value, name: str, *, low: float = 0.0, low_inclusive: bool = True,
+                  high: float = math.inf, high_inclusive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    v = float(value)
+    ok_low = v >= low if low_inclusive else v > low
+    ok_high = v <= high if high_inclusive else v < high
+    if not (math.isfinite(v) or high == math.inf and v == math.inf) or not ok_low or not ok_high:
+        lo = "[" if low_inclusive else "("
+        hi = "]" if high_inclusive else ")"
+        raise ValueError(f"{name}: expected a value in {lo}{low}, {high}{hi}, got {value!r}")
+    return v
+
+
+def check_sparsity(sparsity) -> float:
+    """``sparsity`` must be a float in [0, 1) (the fraction of prunable weights removed)."""
+    return _check_number(sparsity, "sparsity", low=0.0, high=1.0, high_inclusive=False)
+
+
+def _check_choice(value, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _check_total_steps(total_steps) -> Optional[int]:
+    if total_steps is None:
+        return None
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int):
+        raise TypeError(f"total_steps: expected an int or None, got {type(total_steps).__name__}")
+    if total_steps <= 0:
+        raise ValueError(f"total_steps: expected a positive int or None, got {total_steps}")
+    return total_steps
+
+
+def _check_batch(batch, name: str) -> Batch:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"{name}: expected an (inputs, targets) pair, got {type(batch).__name__}")
+    x, y = batch
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name}: expected a pair of tensors, got ({type(x).__name__}, {type(y).__name__})")
+    return x, y
+
+
+def cosine_factor(step: int, total_steps: Optional[int]) -> float:
+    """Multiplier of the base learning rate at ``step``: 0.5·(1 + cos(π·step/total)), 1 without a total.
+
+    Step 0 runs at the base rate; from ``total_steps`` on the factor stays 0.
+    """
+    if total_steps is None:
+        return 1.0
+    t = min(step, total_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * t / total_steps))
+
+
+# ----------------------------------------------------------------------------- optimiser
+class SGDGroup:
+    """SGD over a fixed list of parameters (PyTorch semantics: d = g + wd·p; b = μ·b + d; p −= lr·b).
+
+    ``lr`` is the base learning rate; the algorithm passes the scheduled rate to :meth:`step`.
+    Momentum buffers are allocated zero up front, so a zero buffer and "no step taken yet" are
+    the same state (this equals PyTorch's first-step ``buf = d``).
+    """
+
+    def __init__(self, name: str, params: Sequence[torch.Tensor], lr: float, momentum: float,
+                 weight_decay: float) -> None:
+        self.name = name
+        self.params: List[torch.Tensor] = list(params)
+        self.lr = _check_number(lr, f"{name} lr", low=0.0)
+        self.momentum = _check_number(momentum, "momentum", low=0.0)
+        self.weight_decay = _check_number(weight_decay, f"{name} weight_decay", low=0.0)
+        self.buffers: List[torch.Tensor] = [
+            torch.zeros_like(p, memory_format=torch.preserve_format).detach() for p in self.params
+        ]
+
+    def __repr__(self) -> str:
+        return (f"SGDGroup({self.name!r}, {len(self.params)} tensors, lr={self.lr}, momentum={self.momentum}, "
+                f"weight_decay={self.weight_decay})")
+
+    @torch.no_grad()
+    def step(self, lr: float, grads: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+        """One update at learning rate ``lr``; ``grads`` defaults to each parameter's ``.grad``.
+
+        Parameters whose gradient is None are skipped (PyTorch semantics).
+        """
+        if grads is None:
+            grads = [p.grad for p in self.params]
+        ps, gs, bs = [], [], []
+        for p, g, b in zip(self.params, grads, self.buffers):
+            if g is None:
+                continue
+            ps.append(p.data)
+            gs.append(g.detach())
+            bs.append(b)
+        if ps:
+            ops.fused_sgd_(ps, gs, bs, float(lr), self.momentum, self.weight_decay)
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                "buffers": [b.clone() for b in self.buffers]}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: Dict[str, object]) -> None:
+        bufs = sd["buffers"]
+        if len(bufs) != len(self.buffers):
+            raise ValueError(f"state_dict: optimiser {self.name!r} expected {len(self.buffers)} momentum buffers, "
+                             f"got {len(bufs)}")
+        for i, (dst, src) in enumerate(zip(self.buffers, bufs)):
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"state_dict: optimiser {self.name!r} buffer[{i}]: expected shape "
+                                 f"{tuple(dst.shape)}, got {tuple(src.shape)}")
+            dst.copy_(src)
+        self.lr = float(sd["lr"])
+        self.momentum = float(sd["momentum"])
+        self.weight_decay = float(sd["weight_decay"])
+
+    def reset(self) -> None:
+        """Zero the momentum buffers (a fresh optimiser)."""
+        for b in self.buffers:
+            b.zero_()
+
+
+# ----------------------------------------------------------------------------- algorithm
+class Algorithm:
+    """Base class: model, SGD groups, step counter, cosine schedule, state.
+
+    Subclasses set ``self.param_groups`` (name -> :class:`SGDGroup`) and implement :meth:`step`.
+    ``model`` is sparsified in place (:func:`bip_fast.nn.sparsify` with ``include``/``exclude``)
+    unless it already holds masked modules; :attr:`model` is the (possibly replaced) model.
+    """
+
+    name = "base"
+    uses_masks = True
+
+    def __init__(self, model: nn.Module, *, total_steps: Optional[int] = None,
+                 loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                 include=None, exclude=None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable (logits, targets) -> loss, got {type(loss_fn).__name__}")
+        self.total_steps = _check_total_steps(total_steps)
+        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        if self.uses_masks and not masked_modules(model):
+            model = sparsify(model, include=include, exclude=exclude)
+        self.model = model
+        named = masked_modules(model)
+        self.module_names: List[str] = [n for n, _ in named]
+        self.modules: List[nn.Module] = [m for _, m in named]
+        if self.uses_masks and not self.modules:
+            raise ValueError("model: has no nn.Conv2d / nn.Linear layer to prune (after include/exclude)")
+        self.param_groups: Dict[str, SGDGroup] = {}
+        self.step_count = 0  # steps taken in the current round / phase (drives the schedule)
+        self.global_step = 0  # steps taken in total
+
+    # -- parameters ---------------------------------------------------------------------
+    def _weights(self) -> List[nn.Parameter]:
+        return [m.weight for m in self.modules]
+
+    def _scores(self) -> List[nn.Parameter]:
+        return [m.scores for m in self.modules]
+
+    def _others(self) -> List[nn.Parameter]:
+        """Every trainable parameter that is neither a masked weight nor a score."""
+        skip = {id(p) for p in self._weights()} | {id(p) for p in self._scores()}
+        return [p for p in self.model.parameters() if id(p) not in skip and p.requires_grad]
+
+    def _lower_params(self) -> List[nn.Parameter]:
+        """Masked weights, then biases / norm parameters / unpruned layers."""
+        return self._weights() + self._others()
+
+    # -- schedule -----------------------------------------------------------------------
+    def lr_factor(self) -> float:
+        """Cosine multiplier for the current step (1.0 without ``total_steps``)."""
+        return cosine_factor(self.step_count, self.total_steps)
+
+    def current_lrs(self) -> Dict[str, float]:
+        f = self.lr_factor()
+        return {k: g.lr * f for k, g in self.param_groups.items()}
+
+    # -- passes -------------------------------------------------------------------------
+    def _zero_grad(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+
+    def _forward_backward(self, batch: Batch) -> Dict[str, torch.Tensor]:
+        """One training forward + backward; metrics come from this very forward."""
+        x, y = batch
+        if not self.model.training:
+            self.model.train()
+        self._zero_grad()
+        out = self.model(x)
+        loss = self.loss_fn(out, y)
+        loss.backward()
+        with torch.no_grad():
+            if out.dim() == 2 and y.dim() == 1:
+                correct = (out.argmax(dim=1) == y).sum()
+            else:  # not a classification target: no accuracy
+                correct = torch.zeros((), dtype=torch.int64, device=out.device)
+        return {"loss": loss.detach(), "correct": correct, "count": torch.tensor(y.shape[0], device=y.device)}
+
+    # -- masks --------------------------------------------------------------------------
+    def masks(self) -> List[torch.Tensor]:
+        """The masks of the masked modules, in registration order (the buffers themselves)."""
+        return [m.mask for m in self.modules]
+
+    def sparsity(self) -> float:
+        """Fraction of prunable weights currently masked out (0.0 without masked modules); syncs."""
+        total = sum(m.mask.numel() for m in self.modules)
+        if total == 0:
+            return 0.0
+        kept = int(sum(m.mask.sum() for m in self.modules))
+        return 1.0 - kept / total
+
+    @torch.no_grad()
+    def _set_masks(self, new_masks: Sequence[torch.Tensor]) -> None:
+        apply_masks(self.modules, new_masks)
+
+    # -- step ---------------------------------------------------------------------------
+    def step(self, batch: Batch, batch2: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _sgd_step(self, group: str, batch) -> Dict[str, torch.Tensor]:
+        """Plain training step: forward/backward on ``batch``, one SGD update of ``group``."""
+        batch = _check_batch(batch, "batch")
+        out = self._forward_backward(batch)
+        g = self.param_groups[group]
+        g.step(g.lr * self.lr_factor())
+        self._zero_grad()
+        self.step_count += 1
+        self.global_step += 1
+        return out
+
+    def _freeze_scores(self) -> None:
+        """For algorithms that never train scores: a fixed configuration set once at construction,
+        so the masked modules skip the score gradient (not a per-phase toggle)."""
+        for s in self._scores():
+            s.requires_grad_(False)
+
+    # -- state --------------------------------------------------------------------------
+    def _extra_state(self) -> Dict[str, object]:
+        return {}
+
+    def _load_extra_state(self, sd: Dict[str, object]) -> None:
+        pass
+
+    def state_dict(self, include_model: bool = True) -> Dict[str, object]:
+        """Everything needed to resume exactly: counters, optimiser buffers, masks, round/phase state.
+
+        With ``include_model`` (default) the model's own state dict (weights, scores, masks, norm
+        statistics) is included too, under ``"model"``.
+        """
+        sd: Dict[str, object] = {
+            "algorithm": self.name,
+            "step_count": self.step_count,
+            "global_step": self.global_step,
+            "total_steps": self.total_steps,
+            "optimizers": {k: g.state_dict() for k, g in self.param_groups.items()},
+            "masks": [m.clone() for m in self.masks()],
+        }
+        sd.update(self._extra_state())
+        if include_model:
+            sd["model"] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: Dict[str, object]) -> None:
+        if not isinstance(sd, dict):
+            raise TypeError(f"state_dict: expected a dict, got {type(sd).__name__}")
+        if sd.get("algorithm") != self.name:
+            raise ValueError(f"state_dict: holds algorithm {sd.get('algorithm')!r}, this is {self.name!r}")
+        opts = sd["optimizers"]
+        if set(opts) != set(self.param_groups):
+            raise ValueError(f"state_dict: optimisers {sorted(opts)} do not match {sorted(self.param_groups)}")
+        self._load_extra_state(sd)  # may rebuild groups (e.g. a phase switch) before buffers load
+        if "model" in sd:
+            self.model.load_state_dict(sd["model"])
+        for k, g in self.param_groups.items():
+            g.load_state_dict(opts[k])
+        masks = sd["masks"]
+        if len(masks) != len(self.modules):
+            raise ValueError(f"state_dict: expected {len(self.modules)} masks, got {len(masks)}")
+        self._set_masks([mk.to(m.mask.device) for mk, m in zip(masks, self.modules)])
+        self.step_count = int(sd["step_count"])
+        self.global_step = int(sd["global_step"])
+        self.total_steps = sd["total_steps"]
+
+    def __repr__(self) -> str:
+        groups = ", ".join(repr(g) for g in self.param_groups.values())
+        return f"{type(self).__name__}(step={self.step_count}, groups=[{groups}])"
+
+
+def _project_into(alg: Algorithm, scores: Sequence[torch.Tensor], density: float, structure: str,
+                  n: int, m: int) -> None:
+    """Project ``scores`` (one per masked module) and copy the masks into the modules."""
+    alg._set_masks(project([s.detach() for s in scores], density, structure, n=n, m=m))
+
+
+def _check_structure(structure: str, sparsity: float, n: int, m: int) -> None:
+    _check_choice(structure, "structure", STRUCTURES)
+    if structure == "nm":
+        for v, nm in ((n, "n"), (m, "m")):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{nm}: expected an int, got {type(v).__name__}")
+        if not 0 < n <= m:
+            raise ValueError(f"n/m: expected 0 < n <= m, got {n}/{m}")
+        if abs((1.0 - sparsity) - n / m) > 1e-9:
+            raise ValueError(f"sparsity: {n}:{m} pruning removes {1 - n / m} of the weights, got sparsity={sparsity}")

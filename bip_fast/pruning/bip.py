@@ -1,0 +1,249 @@
+"""BiP: pruning as bi-level optimisation (SPEC §3-4, and the authors' effective update, SPEC §6)."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from .base import (
+    Algorithm,
+    Batch,
+    SGDGroup,
+    _check_batch,
+    _check_choice,
+    _check_number,
+    _check_structure,
+    _project_into,
+    check_sparsity,
+)
+
+__all__ = ["BiP", "init_scores"]
+
+SCHEDULES = ("alternating", "fused")
+VARIANTS = ("paper", "official")
+SCORE_INITS = ("magnitude", "hydra")
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+@torch.no_grad()
+def init_scores(modules, how: str) -> None:
+    """Set each module's scores from its weights.
+
+    ``"magnitude"``: s = |θ| (the projection then starts from global magnitude pruning).
+    ``"hydra"``: Hydra's scaled init, s = sqrt(6 / fan_in) · |θ| / max|θ| per layer, fan_in =
+    in_features or in_channels/groups · kh · kw (each layer's largest score equals the bound of
+    Kaiming-uniform init, so the score scale does not depend on the weight scale).
+    Scores are non-negative either way; the STE's sgn(s) is then +1 until a score crosses 0.
+    """
+    _check_choice(how, "score_init", SCORE_INITS)
+    for m in modules:
+        a = m.weight.detach().abs().to(torch.float32)
+        if how == "hydra":
+            fan_in = m.weight[0].numel()
+            top = a.max()
+            a = a * (math.sqrt(6.0 / fan_in) / torch.where(top > 0, top, torch.ones_like(top)))
+        m.scores.copy_(a)
+
+
+class BiP(Algorithm):
+    """Bi-level pruning (BiP). One :meth:`step` is one iteration of SPEC §4 (Algorithm A1).
+
+    ``step(lower_batch, upper_batch)``: the lower batch B_β drives the weight (θ) step, the upper
+    batch B_α the score (mask) step; with ``upper_batch=None`` the lower batch serves both.
+    Returns the lower pass's ``loss/correct/count`` (plus ``upper_loss`` for two-pass schedules).
+
+    Variants and schedules:
+
+    - ``variant="paper", schedule="alternating"`` (default, Gauss-Seidel, 2 forward/backward):
+      forward/backward on B_β at (m_t, θ_t) -> SGD step on weights, biases and norm parameters
+      (momentum, ``weight_decay``, rate ``lr``) -> forward/backward on B_α at (m_t, θ_{t+1}) ->
+      SGD step on the scores with G_s = sgn(s)·(θ⊙g − (1/γ)·m⊙g⊙g) (rate ``score_lr``, weight
+      decay ``score_weight_decay``, 0 by default) -> m_{t+1} = projection of s_{t+1}.
+    - ``variant="paper", schedule="fused"`` (Jacobi, 1 forward/backward): one forward/backward
+      on B_β at (m_t, θ_t) gives both gradients; both updates; projection. ``upper_batch`` unused.
+    - ``variant="official"``: the effective update of the authors' code (SPEC §6), in 2
+      forward/backward passes instead of 4+3. Implementation choice: the score *is* the weight,
+      but storage is not aliased (aliasing would break under ``.to()``, DDP broadcasts and
+      dtype changes). Instead the mask is the projection of |θ| (global magnitude top-K for
+      ``structure="global"``), recomputed after each level's update (the authors recompute it
+      at every forward, which gives the same masks), and before the upper pass ``scores`` is
+      overwritten with a copy of θ while ``ig_scale`` is 0, so the module's score gradient is
+      sgn(θ)·θ⊙g = |θ|⊙g, the authors' ∂ℓ/∂s (also on pruned entries, where θ ≠ 0).
+      Per iteration, with one learning rate η = ``lr`` for both levels (``score_lr`` is unused,
+      as in the authors' code) and four momentum buffers per weight (each of the two optimisers
+      holds one for the weight slot and one for the score slot of the same storage):
+
+      1. forward/backward on B_β at (m_t, θ_t); optimiser 1, in parameter order per layer:
+         θ ← SGD(θ, m⊙g); biases/norms/unpruned layers ← SGD(x, ∂ℓ/∂x); then from the second
+         iteration on θ ← SGD(θ, 0) with the score-slot buffer (the authors' zeroed score grad
+         still receives momentum and weight decay); m' = top-K|θ|.
+      2. forward/backward on B_α at (m', θ) with scores = θ; optimiser 2: θ ← SGD(θ, 0)
+         (weight slot); biases and unpruned layer weights ← SGD(x, 0); θ ← SGD(θ, G − lr2·G²)
+         with G = |θ|⊙g (score slot); norm parameters ← SGD(x, g − lr2·g²); m_{t+1} = top-K|θ|.
+
+      Not reproduced: the extra forwards' BatchNorm running-statistics updates (the authors run
+      3 train-mode forwards on B_α per iteration, we run 1) and the authors' per-epoch schedules
+      (pass ``total_steps`` for a per-step cosine over both levels).
+
+    Scores are initialised by :func:`init_scores` (``score_init="magnitude"``: |θ|, so the first
+    mask is the magnitude mask of the pretrained model; ``"hydra"``: Hydra's scaled |θ|).
+    ``gamma`` sets ``module.ig_scale = 1/gamma`` (paper variant); ``gamma=math.inf`` disables the
+    implicit-gradient term. ``lr2`` is the official variant's IG coefficient.
+    """
+
+    name = "bip"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        *,
+        structure: str = "global",
+        schedule: str = "alternating",
+        variant: str = "paper",
+        lr: float = 0.01,
+        score_lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        score_weight_decay: float = 0.0,
+        gamma: float = 1.0,
+        lr2: float = 1e-4,
+        total_steps: Optional[int] = None,
+        score_init: str = "magnitude",
+        n: int = 2,
+        m: int = 4,
+        loss_fn=None,
+        include=None,
+        exclude=None,
+    ) -> None:
+        self.sparsity_target = check_sparsity(sparsity)
+        self.density = 1.0 - self.sparsity_target
+        self.structure = structure
+        _check_structure(structure, self.sparsity_target, n, m)
+        self.n, self.m = n, m
+        self.schedule = _check_choice(schedule, "schedule", SCHEDULES)
+        self.variant = _check_choice(variant, "variant", VARIANTS)
+        if variant == "official" and schedule != "alternating":
+            raise ValueError(f"schedule: the official variant is alternating only, got {schedule!r}")
+        _check_choice(score_init, "score_init", SCORE_INITS)
+        self.gamma = _check_number(gamma, "gamma", low=0.0, low_inclusive=False)
+        self.lr2 = _check_number(lr2, "lr2", low=0.0)
+        super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, include=include, exclude=exclude)
+
+        if variant == "paper":
+            init_scores(self.modules, score_init)
+            ig = 0.0 if math.isinf(self.gamma) else 1.0 / self.gamma
+            for mod in self.modules:
+                mod.ig_scale = ig
+            self.param_groups = {
+                "weights": SGDGroup("weights", self._lower_params(), lr, momentum, weight_decay),
+                "scores": SGDGroup("scores", self._scores(), score_lr, momentum, score_weight_decay),
+            }
+            self._project(self._scores())
+        else:
+            with torch.no_grad():
+                for mod in self.modules:
+                    mod.ig_scale = 0.0
+                    mod.scores.copy_(mod.weight)
+            norm_ids = {id(p) for mod in self.model.modules() if isinstance(mod, _NORM_TYPES)
+                        for p in mod.parameters(recurse=False)}
+            others = self._others()
+            self._norm_params = [p for p in others if id(p) in norm_ids]
+            self._plain_params = [p for p in others if id(p) not in norm_ids]
+            w = self._weights()
+            # Optimiser k's buffers for (weight slot, score slot, other params); all at rate `lr`.
+            self.param_groups = {
+                "opt1_weights": SGDGroup("opt1_weights", w, lr, momentum, weight_decay),
+                "opt1_scores": SGDGroup("opt1_scores", w, lr, momentum, weight_decay),
+                "opt1_others": SGDGroup("opt1_others", others, lr, momentum, weight_decay),
+                "opt2_weights": SGDGroup("opt2_weights", w, lr, momentum, weight_decay),
+                "opt2_scores": SGDGroup("opt2_scores", w, lr, momentum, weight_decay),
+                "opt2_plain": SGDGroup("opt2_plain", self._plain_params, lr, momentum, weight_decay),
+                "opt2_norms": SGDGroup("opt2_norms", self._norm_params, lr, momentum, weight_decay),
+            }
+            self._zeros: Optional[torch.Tensor] = None
+            self._project(w)
+
+    # -------------------------------------------------------------------------------------
+    def _project(self, scores) -> None:
+        _project_into(self, scores, self.density, self.structure, self.n, self.m)
+
+    def step(self, batch: Batch, batch2: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
+        """One BiP iteration (see the class docstring); returns the lower pass's metrics."""
+        lower = _check_batch(batch, "batch")
+        upper = lower if batch2 is None else _check_batch(batch2, "batch2")
+        f = self.lr_factor()
+        if self.variant == "official":
+            out = self._step_official(lower, upper, f)
+        elif self.schedule == "fused":
+            out = self._forward_backward(lower)
+            self.param_groups["weights"].step(self.param_groups["weights"].lr * f)
+            self.param_groups["scores"].step(self.param_groups["scores"].lr * f)
+            self._project(self._scores())
+        else:
+            out = self._forward_backward(lower)
+            self.param_groups["weights"].step(self.param_groups["weights"].lr * f)
+            up = self._forward_backward(upper)
+            self.param_groups["scores"].step(self.param_groups["scores"].lr * f)
+            self._project(self._scores())
+            out["upper_loss"] = up["loss"]
+            out["upper_correct"] = up["correct"]
+        self._zero_grad()
+        self.step_count += 1
+        self.global_step += 1
+        return out
+
+    def _zeros_like(self, params: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Zero 'gradients' as views of one shared zero tensor (the authors' zeroed .grad)."""
+        if not params:
+            return []
+        need = max(p.numel() for p in params)
+        dev, dt = params[0].device, params[0].dtype
+        z = self._zeros
+        if z is None or z.numel() < need or z.device != dev or z.dtype != dt:
+            z = self._zeros = torch.zeros(need, device=dev, dtype=dt)
+        return [z[: p.numel()].view(p.shape).to(p.dtype) for p in params]
+
+    def _step_official(self, lower: Batch, upper: Batch, f: float) -> Dict[str, torch.Tensor]:
+        g = self.param_groups
+        w = self._weights()
+        # Level 1: θ-step on B_β at (m_t, θ_t) (optimiser 1 over every parameter).
+        out = self._forward_backward(lower)
+        g["opt1_weights"].step(g["opt1_weights"].lr * f)
+        g["opt1_others"].step(g["opt1_others"].lr * f)
+        if self.global_step > 0:  # the score slot has a (zeroed) .grad from the 2nd iteration on
+            g["opt1_scores"].step(g["opt1_scores"].lr * f, self._zeros_like(w))
+        self._project(w)
+        # Level 2: m-step on B_α at (m', θ'), the score being the weight itself.
+        with torch.no_grad():
+            for mod in self.modules:
+                mod.scores.copy_(mod.weight)
+        up = self._forward_backward(upper)
+        with torch.no_grad():
+            gs = []
+            for mod in self.modules:
+                gsc = mod.scores.grad.to(mod.weight.dtype)
+                gs.append(gsc - self.lr2 * gsc * gsc)
+            gn = [None if p.grad is None else p.grad - self.lr2 * p.grad * p.grad for p in self._norm_params]
+        g["opt2_weights"].step(g["opt2_weights"].lr * f, self._zeros_like(w))
+        g["opt2_plain"].step(g["opt2_plain"].lr * f, self._zeros_like(self._plain_params))
+        g["opt2_scores"].step(g["opt2_scores"].lr * f, gs)
+        g["opt2_norms"].step(g["opt2_norms"].lr * f, gn)
+        self._project(w)
+        out["upper_loss"] = up["loss"]
+        out["upper_correct"] = up["correct"]
+        return out
+
+    def _extra_state(self) -> Dict[str, object]:
+        return {"variant": self.variant, "schedule": self.schedule, "structure": self.structure,
+                "sparsity": self.sparsity_target}
+
+    def _load_extra_state(self, sd: Dict[str, object]) -> None:
+        for k, mine in (("variant", self.variant), ("schedule", self.schedule), ("structure", self.structure),
+                        ("sparsity", self.sparsity_target)):
+            if sd.get(k) != mine:
+                raise ValueError(f"state_dict: {k}={sd.get(k)!r} does not match this BiP's {k}={mine!r}")

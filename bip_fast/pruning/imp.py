@@ -1,0 +1,133 @@
+"""IMP: iterative magnitude pruning with weight rewinding (lottery tickets, SPEC §5)."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..masks import keep_count
+from .base import Algorithm, Batch, SGDGroup, _check_number
+
+__all__ = ["IMP"]
+
+
+class IMP(Algorithm):
+    """Iterative magnitude pruning with rewinding.
+
+    Round 0 is dense training (all masks True). The *rewind state* is the model's state (weights,
+    biases, norm parameters and statistics; not masks or scores) when ``rewind_step`` steps of
+    round 0 have been taken (``rewind_step=0``: the model as given). :meth:`next_round` then:
+
+    1. prunes ``rate`` (20%) of the remaining weights: the new mask keeps the
+       ``round((1 - rate) · R)`` largest |θ| among the R currently unmasked weights, globally over
+       all masked layers (ties: earlier layer, then lower flat index); pruned weights stay pruned;
+    2. rewinds the whole model state except masks and scores to the rewind state;
+    3. resets the optimiser (zero momentum) and the schedule: each round retrains for the full
+       ``total_steps`` cosine schedule from step 0.
+
+    ``step(batch)`` is one SGD step (momentum, weight decay) of all parameters under the current
+    masks; ``batch2`` is ignored. Scores are not trained (their gradient is switched off once at
+    construction). ``IMP.rounds_for(density)`` gives the rounds needed to reach a density.
+    """
+
+    name = "imp"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        rate: float = 0.2,
+        rewind_step: int = 0,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        total_steps: Optional[int] = None,
+        loss_fn=None,
+        include=None,
+        exclude=None,
+    ) -> None:
+        self.rate = _check_number(rate, "rate", low=0.0, low_inclusive=False, high=1.0, high_inclusive=False)
+        if isinstance(rewind_step, bool) or not isinstance(rewind_step, int):
+            raise TypeError(f"rewind_step: expected an int, got {type(rewind_step).__name__}")
+        if rewind_step < 0:
+            raise ValueError(f"rewind_step: expected a non-negative int, got {rewind_step}")
+        self.rewind_step = rewind_step
+        super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, include=include, exclude=exclude)
+        self._freeze_scores()
+        self.round = 0
+        self.param_groups = {"weights": SGDGroup("weights", self._lower_params(), lr, momentum, weight_decay)}
+        self._rewind: Optional[Dict[str, torch.Tensor]] = None
+        self._maybe_record_rewind()
+
+    @staticmethod
+    def rounds_for(density: float, rate: float = 0.2) -> int:
+        """Rounds to reach ``density``: ceil(log d / log(1 − rate)) (0.64 -> 2, 0.41 -> 4)."""
+        d = _check_number(density, "density", low=0.0, low_inclusive=False, high=1.0)
+        r = _check_number(rate, "rate", low=0.0, low_inclusive=False, high=1.0, high_inclusive=False)
+        # A relative tolerance keeps exact powers (0.8**2 = 0.64000...01) from costing a round.
+        return max(0, math.ceil(math.log(d) / math.log(1.0 - r) - 1e-9))
+
+    def _state_keys(self):
+        return [k for k in self.model.state_dict() if not (k.endswith(".mask") or k.endswith(".scores")
+                                                           or k in ("mask", "scores"))]
+
+    @torch.no_grad()
+    def _maybe_record_rewind(self) -> None:
+        if self._rewind is None and self.round == 0 and self.step_count == self.rewind_step:
+            sd = self.model.state_dict()
+            self._rewind = {k: sd[k].detach().clone() for k in self._state_keys()}
+
+    def step(self, batch: Batch, batch2: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
+        """One SGD step on ``batch`` under the current masks (``batch2`` is ignored)."""
+        self._maybe_record_rewind()
+        return self._sgd_step("weights", batch)
+
+    @torch.no_grad()
+    def next_round(self) -> None:
+        """Prune ``rate`` of the remaining weights by global magnitude, rewind, reset the schedule."""
+        self._maybe_record_rewind()
+        if self._rewind is None:
+            raise RuntimeError(
+                f"next_round: the rewind point (step {self.rewind_step} of round 0) has not been reached; "
+                f"{self.step_count} steps taken"
+            )
+        old = [m.mask for m in self.modules]
+        remaining = int(sum(int(mk.sum()) for mk in old))
+        keep = keep_count(remaining, 1.0 - self.rate)
+        cand = [(i, m.weight.detach().abs()[m.mask]) for i, m in enumerate(self.modules)]
+        cand = [(i, c) for i, c in cand if c.numel() > 0]
+        new = [torch.zeros_like(mk) for mk in old]
+        if cand and keep > 0:
+            sel = ops.topk_masks([c for _, c in cand], keep)
+            for (i, _), s in zip(cand, sel):
+                new[i][old[i]] = s
+        self._set_masks(new)
+        sd = self.model.state_dict()
+        for k, v in self._rewind.items():
+            sd[k].copy_(v)
+        for g in self.param_groups.values():
+            g.reset()
+        self.step_count = 0
+        self.round += 1
+
+    def _extra_state(self) -> Dict[str, object]:
+        rew = None if self._rewind is None else {k: v.clone() for k, v in self._rewind.items()}
+        return {"round": self.round, "rewind": rew, "rewind_step": self.rewind_step, "rate": self.rate}
+
+    def _load_extra_state(self, sd: Dict[str, object]) -> None:
+        self.round = int(sd["round"])
+        self.rewind_step = int(sd["rewind_step"])
+        self.rate = float(sd["rate"])
+        rew = sd["rewind"]
+        if rew is None:
+            self._rewind = None
+        else:
+            mine = self.model.state_dict()
+            missing = sorted(set(self._state_keys()) - set(rew))
+            if missing:
+                raise ValueError(f"state_dict: rewind state lacks {missing}")
+            self._rewind = {k: v.detach().clone().to(mine[k].device) for k, v in rew.items()}

@@ -1,0 +1,60 @@
+"""OMP: one-shot magnitude pruning of a pretrained model, then retraining (SPEC §5)."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .base import (
+    Algorithm,
+    Batch,
+    SGDGroup,
+    _check_structure,
+    _project_into,
+    check_sparsity,
+)
+
+__all__ = ["OMP"]
+
+
+class OMP(Algorithm):
+    """One-shot magnitude pruning.
+
+    At construction the mask becomes the projection of |θ| of the given (pretrained) weights
+    (``structure="global"``: the K = round(d·N) largest magnitudes over all masked layers; ties to
+    the earlier layer, then the lower flat index). ``step(batch)`` then retrains every parameter
+    with SGD (momentum, weight decay) under that fixed mask; ``batch2`` is ignored. Scores are
+    not trained (their gradient is switched off once at construction).
+    """
+
+    name = "omp"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        *,
+        structure: str = "global",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        total_steps: Optional[int] = None,
+        n: int = 2,
+        m: int = 4,
+        loss_fn=None,
+        include=None,
+        exclude=None,
+    ) -> None:
+        self.sparsity_target = check_sparsity(sparsity)
+        _check_structure(structure, self.sparsity_target, n, m)
+        self.structure = structure
+        super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, include=include, exclude=exclude)
+        self._freeze_scores()
+        self.param_groups = {"weights": SGDGroup("weights", self._lower_params(), lr, momentum, weight_decay)}
+        _project_into(self, self._weights(), 1.0 - self.sparsity_target, structure, n, m)
+
+    def step(self, batch: Batch, batch2: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
+        """One SGD step on ``batch`` under the fixed mask (``batch2`` is ignored)."""
+        return self._sgd_step("weights", batch)

@@ -1,0 +1,471 @@
+"""Tests for bip_fast.engine.data: CIFAR loading, subsets, augmentation, deterministic resume."""
+import io
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bip_fast.engine import data
+from bip_fast.engine.data import BilevelLoader, Loader, augment_batch, load_dataset
+
+_SHARED = Path("/work/shared/data/cifar10")
+
+
+def _real_cifar10_dir():
+    for cand in (os.environ.get("BIP_FAST_DATA"), _SHARED, Path("data")):
+        if cand and (Path(cand) / "cifar-10-batches-py" / "data_batch_1").is_file():
+            return Path(cand)
+    return None
+
+
+REAL = _real_cifar10_dir()
+needs_real = pytest.mark.skipif(REAL is None, reason="real CIFAR-10 not found "
+                                "(set BIP_FAST_DATA to the folder holding cifar-10-batches-py)")
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    """The real CIFAR-10, loaded once for the whole module."""
+    if REAL is None:
+        pytest.skip("real CIFAR-10 not found")
+    return load_dataset("cifar10", data_dir=REAL, device="cpu", download=False)
+
+
+# --- synthetic pickle directories --------------------------------------------------------------
+
+def _write_batch(path, n, label_key, num_classes, rng, per_class=None):
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    entry = {"batch_label": "synthetic", label_key: labels.tolist(),
+             "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)}
+    if label_key == "fine_labels":
+        entry["coarse_labels"] = (labels // 5).tolist()
+    with open(path, "wb") as f:
+        pickle.dump(entry, f)
+    return entry
+
+
+def _make_cifar10(root, n_per_batch=20):
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    entries = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entries[name] = _write_batch(folder / name, n_per_batch, "labels", 10, rng)
+    return folder, entries
+
+
+def _make_cifar100(root, n_train=300, n_test=200):
+    folder = Path(root) / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    train = _write_batch(folder / "train", n_train, "fine_labels", 100, rng)
+    test = _write_batch(folder / "test", n_test, "fine_labels", 100, rng)
+    return folder, train, test
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+@needs_real
+def test_real_cifar10_shapes_dtypes_values(cifar):
+    assert cifar.train_x.shape == (50000, 3, 32, 32) and cifar.train_x.dtype == torch.uint8
+    assert cifar.test_x.shape == (10000, 3, 32, 32) and cifar.test_x.dtype == torch.uint8
+    assert cifar.train_y.shape == (50000,) and cifar.train_y.dtype == torch.int64
+    assert cifar.test_y.shape == (10000,) and cifar.test_y.dtype == torch.int64
+    assert cifar.num_classes == 10 and cifar.name == "cifar10"
+    assert torch.bincount(cifar.train_y).tolist() == [5000] * 10
+    assert torch.bincount(cifar.test_y).tolist() == [1000] * 10
+    # Byte-exact against the raw pickles: first training image, last test image.
+    folder = REAL / "cifar-10-batches-py"
+    with open(folder / "data_batch_1", "rb") as f:
+        b1 = pickle.load(f, encoding="latin1")
+    with open(folder / "test_batch", "rb") as f:
+        tb = pickle.load(f, encoding="latin1")
+    assert torch.equal(cifar.train_x[0].reshape(-1), torch.from_numpy(b1["data"][0]))
+    assert torch.equal(cifar.train_x[:10000].reshape(10000, -1), torch.from_numpy(b1["data"]))
+    assert cifar.train_y[:10000].tolist() == list(b1["labels"])
+    assert torch.equal(cifar.test_x[-1].reshape(-1), torch.from_numpy(tb["data"][-1]))
+    assert cifar.test_y.tolist() == list(tb["labels"])
+    # The normalisation constants are the statistics of the data.
+    x = cifar.train_x.float().div_(255)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3))
+    assert torch.allclose(mean, torch.tensor(cifar.mean), atol=1e-4)
+    assert torch.allclose(std, torch.tensor(cifar.std), atol=1e-4)
+
+
+@needs_real
+def test_resolve_data_dir_env_and_batches_folder(monkeypatch):
+    monkeypatch.setenv("BIP_FAST_DATA", str(REAL))
+    root, folder = data.resolve_data_dir("cifar10")
+    assert folder == REAL / "cifar-10-batches-py" and root == REAL
+    root, folder = data.resolve_data_dir("cifar10", REAL / "cifar-10-batches-py")
+    assert folder == REAL / "cifar-10-batches-py" and root == REAL
+    monkeypatch.delenv("BIP_FAST_DATA")
+    _, folder = data.resolve_data_dir("cifar10")
+    assert folder == Path("./data") / "cifar-10-batches-py"
+
+
+def test_synthetic_cifar10_parent_or_batches_folder(tmp_path, monkeypatch):
+    folder, entries = _make_cifar10(tmp_path)
+    for arg in (tmp_path, folder, str(folder)):
+        ds = load_dataset("cifar10", data_dir=arg, download=False)
+        assert ds.train_x.shape == (100, 3, 32, 32) and ds.test_x.shape == (20, 3, 32, 32)
+        expect = np.concatenate([entries[f"data_batch_{i}"]["data"] for i in range(1, 6)])
+        assert torch.equal(ds.train_x.reshape(100, -1), torch.from_numpy(expect))
+        assert ds.test_y.tolist() == entries["test_batch"]["labels"]
+    monkeypatch.setenv("BIP_FAST_DATA", str(tmp_path))
+    ds = load_dataset("cifar10", download=False)
+    assert ds.train_x.shape[0] == 100
+
+
+def test_cifar100_synthetic(tmp_path):
+    _, train, test = _make_cifar100(tmp_path)
+    ds = load_dataset("cifar100", data_dir=tmp_path, download=False)
+    assert ds.num_classes == 100 and ds.name == "cifar100"
+    assert ds.train_x.shape == (300, 3, 32, 32) and ds.test_x.shape == (200, 3, 32, 32)
+    assert ds.train_y.tolist() == train["fine_labels"]  # fine, not coarse labels
+    assert torch.equal(ds.test_x.reshape(200, -1), torch.from_numpy(test["data"]))
+    assert len(ds.mean) == 3 and len(ds.std) == 3 and ds.mean != data._SPECS["cifar10"][5]
+
+
+def test_subset_class_balanced_and_deterministic(tmp_path):
+    _make_cifar100(tmp_path)
+    a = load_dataset("cifar100", data_dir=tmp_path, subset=(200, 100), seed=3, download=False)
+    b = load_dataset("cifar100", data_dir=tmp_path, subset=(200, 100), seed=3, download=False)
+    c = load_dataset("cifar100", data_dir=tmp_path, subset=(200, 100), seed=4, download=False)
+    assert torch.bincount(a.train_y, minlength=100).tolist() == [2] * 100
+    assert torch.bincount(a.test_y, minlength=100).tolist() == [1] * 100
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.train_y, b.train_y)
+    assert not torch.equal(a.train_x, c.train_x)  # 3 samples per class -> seed matters
+    full = load_dataset("cifar100", data_dir=tmp_path, subset=(None, 50), download=False)
+    assert full.train_x.shape[0] == 300 and full.test_x.shape[0] == 50
+    with pytest.raises(ValueError, match="subset"):
+        load_dataset("cifar100", data_dir=tmp_path, subset=(301, 10), download=False)
+    with pytest.raises(ValueError, match="class 1"):  # no sample of class 1 at all
+        data.subset_indices(torch.zeros(5, dtype=torch.long), 5, 2)
+    with pytest.raises(TypeError, match="subset"):
+        load_dataset("cifar100", data_dir=tmp_path, subset=100, download=False)
+
+
+@needs_real
+def test_subset_indices_on_real_labels(cifar):
+    idx = data.subset_indices(cifar.train_y, 1005, 10, seed=0)
+    counts = torch.bincount(cifar.train_y[idx], minlength=10).tolist()
+    assert counts == [101] * 5 + [100] * 5
+    assert idx.unique().numel() == 1005 and torch.all(idx[1:] > idx[:-1])
+    assert torch.equal(idx, data.subset_indices(cifar.train_y, 1005, 10, seed=0))
+    assert not torch.equal(idx, data.subset_indices(cifar.train_y, 1005, 10, seed=1))
+
+
+def test_missing_dir_error(tmp_path):
+    where = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as ei:
+        load_dataset("cifar10", data_dir=where, download=False)
+    msg = str(ei.value)
+    for needle in ("data_batch_1", "test_batch", "cifar-10-batches-py", str(where),
+                   "--data-dir", "BIP_FAST_DATA"):
+        assert needle in msg
+
+
+def test_failed_download_becomes_file_not_found(tmp_path, monkeypatch):
+    calls = []
+
+    def offline(name, root):
+        calls.append((name, root))
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(data, "_download", offline)
+    with pytest.raises(FileNotFoundError, match="download failed.*network unreachable"):
+        load_dataset("cifar100", data_dir=tmp_path, download=True)
+    assert calls == [("cifar100", tmp_path)]
+
+
+def test_missing_single_file_named(tmp_path):
+    folder, _ = _make_cifar10(tmp_path)
+    (folder / "data_batch_4").unlink()
+    with pytest.raises(FileNotFoundError, match="missing data_batch_4 in"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+def test_corrupt_pickle_error_names_file(tmp_path):
+    folder, _ = _make_cifar10(tmp_path)
+    raw = (folder / "data_batch_3").read_bytes()
+    (folder / "data_batch_3").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"data_batch_3' is corrupt"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+    (folder / "data_batch_3").write_bytes(os.urandom(1000))
+    with pytest.raises(ValueError, match=r"data_batch_3' is corrupt"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+    with open(folder / "data_batch_3", "wb") as f:  # readable pickle, wrong content
+        pickle.dump({"data": np.zeros((4, 100), np.uint8), "labels": [0] * 4}, f)
+    with pytest.raises(ValueError, match=r"data_batch_3' is corrupt.*3072"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="name"):
+        load_dataset("mnist", download=False)
+    with pytest.raises(TypeError, match="data_dir"):
+        load_dataset("cifar10", data_dir=3, download=False)
+    with pytest.raises(ValueError, match="device"):
+        load_dataset("cifar10", device="gpu0", download=False)
+    with pytest.raises(TypeError, match="seed"):
+        load_dataset("cifar10", seed=1.5, download=False)
+
+
+# --- augmentation ------------------------------------------------------------------------------
+
+def _ref_augment(x, offsets, flips, pad=4):
+    padded = F.pad(x, (pad,) * 4)
+    out = []
+    for i in range(x.shape[0]):
+        r, c = offsets[i].tolist()
+        w = padded[i, :, r:r + x.shape[2], c:c + x.shape[3]]
+        out.append(w.flip(-1) if flips[i] else w)
+    return torch.stack(out)
+
+
+def test_augment_flip_is_exact_mirror():
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    center = torch.full((6, 2), 4)
+    out = augment_batch(x, center, torch.ones(6, dtype=torch.bool))
+    assert out.dtype == torch.uint8 and torch.equal(out, x.flip(-1))
+    assert torch.equal(augment_batch(x, center, torch.zeros(6, dtype=torch.bool)), x)
+
+
+def test_augment_crop_is_shifted_window_with_zero_padding():
+    x = torch.randint(1, 256, (2, 3, 32, 32), dtype=torch.uint8)  # no zeros in the image
+    out = augment_batch(x, torch.tensor([[0, 0], [8, 5]]), torch.zeros(2, dtype=torch.bool))
+    # sample 0: window starts 4 pixels above/left of the image
+    assert torch.all(out[0, :, :4, :] == 0) and torch.all(out[0, :, :, :4] == 0)
+    assert torch.equal(out[0, :, 4:, 4:], x[0, :, :28, :28])
+    # sample 1: 4 rows down, 1 column right
+    assert torch.equal(out[1, :, :28, :31], x[1, :, 4:, 1:])
+    assert torch.all(out[1, :, 28:, :] == 0) and torch.all(out[1, :, :, 31:] == 0)
+    # random grid vs a per-sample reference
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    off = torch.randint(0, 9, (64, 2), generator=g)
+    fl = torch.randint(0, 2, (64,), generator=g)
+    assert torch.equal(augment_batch(x, off, fl), _ref_augment(x, off, fl))
+    assert torch.equal(augment_batch(x.float(), off, fl), _ref_augment(x.float(), off, fl))
+
+
+def _unnormalise(out, mean, std):
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return torch.round((out * s + m) * 255).to(torch.uint8)
+
+
+def test_train_loader_outputs_are_augmented_source_images():
+    g = torch.Generator().manual_seed(1)
+    n = 96
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(n)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    ld = Loader(x, y, 32, train=True, mean=mean, std=std, seed=5)
+    assert len(ld) == 3
+    all_off = torch.tensor([(r, c) for r in range(9) for c in range(9)] * 2)
+    all_fl = torch.tensor([0] * 81 + [1] * 81)
+    seen, flipped, shifted = [], 0, 0
+    for xb, yb in ld:
+        assert xb.dtype == torch.float32 and xb.shape == (32, 3, 32, 32)
+        rec = _unnormalise(xb, mean, std)
+        for i in range(xb.shape[0]):
+            src = x[yb[i]].expand(162, -1, -1, -1)
+            cands = augment_batch(src, all_off, all_fl)
+            hit = (cands == rec[i]).flatten(1).all(1).nonzero().flatten()
+            assert hit.numel() >= 1, "output is not a crop/flip of its source image"
+            k = hit[0].item()
+            flipped += k >= 81
+            shifted += (k % 81) != 40
+        seen += yb.tolist()
+    assert sorted(seen) == list(range(n))  # one epoch = a permutation
+    assert seen != list(range(n))
+    assert 0 < flipped < n and shifted > n // 2
+
+
+def test_eval_loader_in_order_keeps_last_partial_batch():
+    x = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(70) % 10
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    ld = data.eval_loader(x, y, 32, mean=mean, std=std)
+    batches = list(ld)
+    assert len(ld) == 3 and [b[0].shape[0] for b in batches] == [32, 32, 6]
+    xs = torch.cat([b[0] for b in batches])
+    assert torch.equal(torch.cat([b[1] for b in batches]), y)
+    ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(xs, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.cat([b[0] for b in ld]), xs)  # second pass identical
+
+
+def test_channels_last_and_drop_last():
+    x = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    y = torch.zeros(50, dtype=torch.long)
+    ld = Loader(x, y, 16, train=True, seed=0, channels_last=True)
+    batches = list(ld)
+    assert len(batches) == 3 == len(ld)
+    assert all(b[0].is_contiguous(memory_format=torch.channels_last) for b in batches)
+    plain = [b[0] for b in Loader(x, y, 16, train=True, seed=0)]
+    assert all(torch.equal(a[0], b) for a, b in zip(batches, plain))
+    assert len(Loader(x, y, 16, train=True, drop_last=False)) == 4
+
+
+def test_loader_validation():
+    x = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
+    y = torch.zeros(10, dtype=torch.long)
+    with pytest.raises(ValueError, match="x: expected uint8"):
+        Loader(x.float(), y, 4, train=True)
+    with pytest.raises(ValueError, match="y: expected shape"):
+        Loader(x, y[:5], 4, train=True)
+    with pytest.raises(ValueError, match="batch_size"):
+        Loader(x, y, 0, train=True)
+    with pytest.raises(ValueError, match="batch_size"):
+        Loader(x, y, 11, train=True)  # drop_last leaves no batch
+    with pytest.raises(ValueError, match="mean/std"):
+        Loader(x, y, 4, train=True, mean=(0.5,), std=(0.5,))
+    ld = Loader(x, y, 4, train=True)
+    other = Loader(torch.zeros(12, 3, 32, 32, dtype=torch.uint8), torch.zeros(12).long(), 4,
+                   train=True)
+    with pytest.raises(ValueError, match="num_samples"):
+        ld.load_state_dict(other.state_dict())
+    with pytest.raises(TypeError, match="lower"):
+        BilevelLoader(None, ld)
+    with pytest.raises(ValueError, match="distinct"):
+        BilevelLoader(ld, ld)
+
+
+# --- determinism and exact resume -------------------------------------------------------------
+
+def _small_real(cifar, n=1000):
+    return cifar.train_x[:n], cifar.train_y[:n]
+
+
+def _loader(x, y, seed=0, bs=64):
+    return Loader(x, y, bs, train=True, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26),
+                  seed=seed)
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
+                                    for p, q in zip(a, b))
+
+
+@needs_real
+def test_determinism_across_loaders_and_epochs(cifar):
+    x, y = _small_real(cifar)
+    a, b, c = _loader(x, y, seed=7), _loader(x, y, seed=7), _loader(x, y, seed=8)
+    ea0, eb0, ec0 = list(a), list(b), list(c)
+    assert _same(ea0, eb0) and not _same(ea0, ec0)
+    assert a.epoch == 1 and a.position == 0
+    ea1 = list(a)
+    assert not _same(ea0, ea1)
+    d = _loader(x, y, seed=7)
+    d.set_epoch(1)
+    assert _same(list(d), ea1)
+
+
+@needs_real
+def test_exact_resume_mid_epoch(cifar):
+    x, y = _small_real(cifar)
+    ref = _loader(x, y, seed=11)
+    full = list(ref) + list(ref)  # two uninterrupted epochs
+    nb = len(ref)
+
+    run = _loader(x, y, seed=11)
+    list(run)  # epoch 0
+    it = iter(run)
+    k = 5
+    head = [next(it) for _ in range(k)]
+    assert _same(head, full[nb:nb + k])
+    state = run.state_dict()
+    assert state["epoch"] == 1 and state["position"] == k
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    restored = _loader(x, y, seed=999)  # seed and generator state come from the state
+    restored.load_state_dict(torch.load(buf, weights_only=False))
+    assert restored.seed == 11
+    rest = list(restored)
+    assert _same(rest, full[nb + k:])
+    # and the next epoch after the resumed one matches a fresh loader's third epoch
+    third = list(ref)
+    assert _same(list(restored), third)
+    # the interrupted loader itself continues where it stopped with a new iterator
+    assert _same(list(run), full[nb + k:])
+
+
+def test_superseded_iterator_raises():
+    x = torch.zeros(20, 3, 32, 32, dtype=torch.uint8)
+    ld = Loader(x, torch.zeros(20).long(), 4, train=True)
+    it1 = iter(ld)
+    next(it1)
+    it2 = iter(ld)
+    next(it2)
+    with pytest.raises(RuntimeError, match="superseded"):
+        next(it1)
+
+
+def test_bilevel_independent_shuffles_and_resume():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(64)
+
+    def make():
+        lower = Loader(x[:40], y[:40], 8, train=True, seed=1)   # 5 batches: wraps around
+        upper = Loader(x[40:], y[40:], 4, train=True, seed=2)   # 6 batches per epoch
+        return BilevelLoader(lower, upper)
+
+    bl = make()
+    assert len(bl) == 6
+    e0 = list(bl)
+    e1 = list(bl)
+    assert len(e0) == 6 and bl.epoch == 2
+    low = torch.cat([lb[1] for lb, _ in e0] + [lb[1] for lb, _ in e1])
+    assert sorted(low[:40].tolist()) == list(range(40))  # lower's first epoch is a permutation
+    assert sorted(torch.cat([ub[1] for _, ub in e0]).tolist()) == list(range(40, 64))
+    assert bl.lower.epoch == 2  # 12 lower batches = two epochs and two batches
+
+    # resume mid-epoch 1 (lower is in its second epoch at that point)
+    bl2 = make()
+    list(bl2)
+    it = iter(bl2)
+    head = [next(it) for _ in range(3)]
+    state = bl2.state_dict()
+    bl3 = make()
+    bl3.load_state_dict(state)
+    rest = list(bl3)
+    got = head + rest
+    assert len(got) == 6
+    for (l1, u1), (l2, u2) in zip(got, e1):
+        assert torch.equal(l1[0], l2[0]) and torch.equal(l1[1], l2[1])
+        assert torch.equal(u1[0], u2[0]) and torch.equal(u1[1], u2[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_match_cpu_bit_for_bit():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (300,), generator=g)
+    cpu = Loader(x, y, 64, train=True, mean=(0.5,) * 3, std=(0.25,) * 3, seed=4)
+    gpu = Loader(x.cuda(), y.cuda(), 64, train=True, mean=(0.5,) * 3, std=(0.25,) * 3, seed=4,
+                 channels_last=True)
+    for (xc, yc), (xg, yg) in zip(cpu, gpu):
+        assert xg.is_cuda and yg.is_cuda
+        assert xg.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(yc, yg.cpu())
+        torch.testing.assert_close(xg.cpu(), xc, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_load_to_cuda(tmp_path):
+    _make_cifar10(tmp_path)
+    ds = load_dataset("cifar10", data_dir=tmp_path, device="cuda", download=False)
+    assert ds.train_x.is_cuda and ds.train_y.is_cuda and ds.test_x.is_cuda
+    ref = load_dataset("cifar10", data_dir=tmp_path, download=False)
+    assert torch.equal(ds.train_x.cpu(), ref.train_x) and torch.equal(ds.test_y.cpu(), ref.test_y)
