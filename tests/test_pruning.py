@@ -440,7 +440,7 @@ def test_cosine_schedule():
 
 
 # ----------------------------------------------------------------------------- structures
-@pytest.mark.parametrize("structure,counts", [("layer", [6, 4]), ("filter", [6, 4]), ("channel", [6, 4])])
+@pytest.mark.parametrize("structure,counts", [("layer", [6, 4]), ("filter", [6, 4]), ("channel", [8, 4])])
 def test_bip_structures(structure, counts):
     model = linear_toy(relu=True)
     alg = BiP(model, 0.5, structure=structure, loss_fn=lin_loss)
@@ -455,9 +455,12 @@ def test_bip_structures(structure, counts):
 
 def test_bip_nm():
     model = linear_toy()
-    BiP(model, 0.5, structure="nm", n=2, m=4, loss_fn=lin_loss)
-    m2 = masked_modules(model)[1][1].mask
+    alg = BiP(model, 0.5, structure="nm", n=2, m=4, include=["net.1"], loss_fn=lin_loss)
+    assert [n for n, _ in masked_modules(model)] == ["net.1"]
+    alg.step(*batches(12, 2))
+    m2 = masked_modules(model)[0][1].mask
     assert torch.equal(m2.sum(1), torch.tensor([2, 2]))
+    assert not isinstance(model.net[0], MaskedLinear)
     with pytest.raises(ValueError, match="sparsity"):
         BiP(linear_toy(), 0.9, structure="nm", n=2, m=4)
 
@@ -578,3 +581,59 @@ def test_metrics_are_tensors_from_the_training_pass():
     torch.testing.assert_close(out["loss"], F.cross_entropy(logits, y))
     assert out["correct"].item() == int((logits.argmax(1) == y).sum())
     assert isinstance(mods[0], MaskedLinear)
+
+
+# ----------------------------------------------------------------------------- conv models
+def conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+
+
+def img_batches(seed, n, b=4):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, 3, 6, 6, generator=g), torch.randint(0, 4, (b,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("variant,schedule", [("paper", "alternating"), ("paper", "fused"), ("official", "alternating")])
+def test_histogram_shortcut_matches_plain_projection(variant, schedule):
+    """The global projection from fused_sgd_'s histogram equals masks.project of the scores."""
+    bs = img_batches(13, 6)
+    runs = []
+    for use_hist in (True, False):
+        alg = BiP(conv_net(), 0.8, variant=variant, schedule=schedule, lr=0.05, score_lr=0.5)
+        alg._hist = use_hist
+        for i in range(3):
+            alg.step(bs[2 * i], bs[2 * i + 1])
+        runs.append(alg)
+    N = sum(m.numel() for m in runs[0].masks())
+    for a, b in zip(runs[0].masks(), runs[1].masks()):
+        assert torch.equal(a, b)
+    assert sum(int(m.sum()) for m in runs[0].masks()) == math.floor(0.2 * N + 0.5)
+    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_algorithm_trains_a_conv_net(name):
+    cls = get_algorithm(name)
+    model = conv_net()
+    alg = cls(model) if name in ("imp", "dense") else cls(model, 0.75)
+    bs = img_batches(14, 4)
+    losses = [alg.step(bs[i], bs[i + 1]) for i in (0, 2)]
+    assert all(bool(torch.isfinite(o["loss"])) for o in losses)
+    if name == "dense":
+        assert alg.masks() == [] and alg.sparsity() == 0.0
+    elif name == "imp":
+        alg.next_round()
+        assert alg.sparsity() == pytest.approx(1 - math.floor(0.8 * sum(m.numel() for m in alg.masks()) + 0.5)
+                                               / sum(m.numel() for m in alg.masks()))
+    else:
+        per = [int(m.sum()) for m in alg.masks()]
+        if name == "hydra":  # layer-wise
+            assert per == [math.floor(0.25 * m.numel() + 0.5) for m in alg.masks()]
+        else:
+            assert sum(per) == math.floor(0.25 * sum(m.numel() for m in alg.masks()) + 0.5)

@@ -153,15 +153,16 @@ def test_topk_masks_bit_equal(kind, dtype):
 
 
 def test_topk_masks_ties_span_tensors_and_blocks():
-    # Many equal keys across several tensors and across the 2048-element count blocks: the kept
-    # ties must be exactly the first ones in (tensor, flat index) order.
+    # Many equal keys across several tensors, across the 2048-element count blocks and across
+    # several 8192-element histogram programs: the kept ties must be exactly the first ones in
+    # (tensor, flat index) order.
     s0 = torch.full((7,), 2.0)
-    s1 = torch.full((5000,), -2.0)
+    s1 = torch.full((20000,), -2.0)
     s1[::3] = 3.0
     s2 = torch.full((9,), 2.0)
     scores = [s.to(DEV) for s in (s0, s1, s2)]
     big = int((s1 == 3.0).sum())
-    for keep in (big + 1, big + 7, big + 8, big + 2500, big + 4000):
+    for keep in (big + 1, big + 7, big + 8, big + 2500, big + 13000):
         assert_masks_equal(bt.topk_masks_triton(scores, keep), topk_plain(scores, keep))
 
 
@@ -338,7 +339,9 @@ def _check_close(name, got, ref64, torch_same, atol_rel):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", [((2, 5, 40), 24, True), ((33, 20), 7, False)])
+@pytest.mark.parametrize(
+    "case", [((2, 5, 40), 24, True), ((33, 20), 7, False), ((70, 100), 65, True)]
+)
 def test_masked_linear_fwd_bwd(dtype, case):
     x_shape, n_out, bias = case
     ig = 0.5
@@ -426,3 +429,37 @@ def test_opcheck_masked_linear():
     _opcheck(ops.masked_linear_fwd_triton.default, (x, w, m, None))
     _opcheck(ops.masked_linear_bwd_input_triton.default, (gy, w, m))
     _opcheck(ops.masked_linear_bwd_weight_triton.default, (gy, x, w, m, s, 0.5, True, True))
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile traces the ops (aot_eager: no inductor codegen needed on CPU)
+# ------------------------------------------------------------------------------------------
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(9)
+    scores = [torch.randn(4, 5, generator=gen).to(DEV), torch.randn(9, generator=gen).to(DEV)]
+    p = torch.randn(10, generator=gen).to(DEV)
+    g = torch.randn(10, generator=gen).to(DEV)
+    b = torch.zeros(10, device=DEV)
+    hist = torch.zeros(4096, dtype=torch.int64, device=DEV)
+
+    def step(scores, p, g, b, hist):
+        bt.fused_sgd_triton_([p], [g], [b], 0.1, 0.9, 0.0, hist)
+        return bt.topk_masks_hist_triton(scores, 7, bt.radix_histogram_triton(scores, 19, 12, 0, 31))
+
+    want_p, want_b = sgd_plain(p, g, b, 0.1, 0.9, 0.0)
+    masks = torch.compile(step, backend="aot_eager", fullgraph=True)(scores, p, g, b, hist)
+    assert_masks_equal(masks, topk_plain(scores, 7))
+    assert torch.allclose(p, want_p, rtol=1e-6, atol=1e-7) and torch.allclose(b, want_b)
+    assert torch.equal(hist.cpu(), hist_plain([p], 19, 12, 0, 31))
+
+    x, w, s, m, _, _ = _linear_case(torch.float32, (3, 8), 5, False, seed=10)
+    w.requires_grad_()
+    s.requires_grad_()
+    loss = torch.compile(lambda x, w, s: bt.masked_linear_triton(x, w, m, s, None, 1.0).sum(),
+                         backend="aot_eager", fullgraph=True)
+    loss(x, w, s).backward()
+    G = x.sum(0).expand(5, 8)
+    assert torch.allclose(w.grad, m * G, rtol=1e-5, atol=1e-6)
+    sg = torch.where(s.detach() < 0, -1.0, 1.0)
+    assert torch.allclose(s.grad, sg * (w.detach() * G - m * G * G), rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..masks import STRUCTURES, apply_masks, project
+from ..masks import STRUCTURES, apply_masks, keep_count, project
 from ..nn import masked_modules, sparsify
 
 __all__ = ["Algorithm", "SGDGroup", "cosine_factor", "check_sparsity"]
@@ -112,10 +112,13 @@ class SGDGroup:
                 f"weight_decay={self.weight_decay})")
 
     @torch.no_grad()
-    def step(self, lr: float, grads: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+    def step(self, lr: float, grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
+             want_hist: bool = False) -> Optional[torch.Tensor]:
         """One update at learning rate ``lr``; ``grads`` defaults to each parameter's ``.grad``.
 
-        Parameters whose gradient is None are skipped (PyTorch semantics).
+        Parameters whose gradient is None are skipped (PyTorch semantics). With ``want_hist``
+        and every parameter updated, returns the first radix-digit histogram of the updated
+        parameters (from the same launch), for :func:`bip_fast.ops.topk_masks`; else None.
         """
         if grads is None:
             grads = [p.grad for p in self.params]
@@ -126,8 +129,12 @@ class SGDGroup:
             ps.append(p.data)
             gs.append(g.detach())
             bs.append(b)
+        hist = None
+        if want_hist and ps and len(ps) == len(self.params):
+            hist = torch.zeros(4096, dtype=torch.int64, device=ps[0].device)
         if ps:
-            ops.fused_sgd_(ps, gs, bs, float(lr), self.momentum, self.weight_decay)
+            ops.fused_sgd_(ps, gs, bs, float(lr), self.momentum, self.weight_decay, hist1=hist)
+        return hist
 
     def state_dict(self) -> Dict[str, object]:
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
@@ -158,9 +165,14 @@ class SGDGroup:
 class Algorithm:
     """Base class: model, SGD groups, step counter, cosine schedule, state.
 
-    Subclasses set ``self.param_groups`` (name -> :class:`SGDGroup`) and implement :meth:`step`.
+    Subclasses set ``self.param_groups`` (name -> :class:`SGDGroup`; each group holds its
+    ``params``, base ``lr``, ``momentum``, ``weight_decay`` and momentum ``buffers``) and implement
+    :meth:`step`. ``step_count`` drives the cosine schedule (it restarts with an IMP round or the
+    Hydra finetune phase); ``global_step`` counts every step.
     ``model`` is sparsified in place (:func:`bip_fast.nn.sparsify` with ``include``/``exclude``)
-    unless it already holds masked modules; :attr:`model` is the (possibly replaced) model.
+    unless it already holds masked modules; :attr:`model` is the (possibly replaced) model. The
+    training passes call ``self.model(x)``; a caller may replace ``model`` by a proxy that routes
+    calls through DDP / torch.compile and everything else to the plain model.
     """
 
     name = "base"
@@ -231,7 +243,8 @@ class Algorithm:
                 correct = (out.argmax(dim=1) == y).sum()
             else:  # not a classification target: no accuracy
                 correct = torch.zeros((), dtype=torch.int64, device=out.device)
-        return {"loss": loss.detach(), "correct": correct, "count": torch.tensor(y.shape[0], device=y.device)}
+        count = torch.full((), y.shape[0], dtype=torch.int64, device=y.device)  # a fill, not a host copy
+        return {"loss": loss.detach(), "correct": correct, "count": count}
 
     # -- masks --------------------------------------------------------------------------
     def masks(self) -> List[torch.Tensor]:
@@ -325,9 +338,18 @@ class Algorithm:
 
 
 def _project_into(alg: Algorithm, scores: Sequence[torch.Tensor], density: float, structure: str,
-                  n: int, m: int) -> None:
-    """Project ``scores`` (one per masked module) and copy the masks into the modules."""
-    alg._set_masks(project([s.detach() for s in scores], density, structure, n=n, m=m))
+                  n: int, m: int, hist1: Optional[torch.Tensor] = None) -> None:
+    """Project ``scores`` (one per masked module) and copy the masks into the modules.
+
+    ``hist1``: the first-digit histogram of exactly these scores, produced by the SGD launch
+    that just updated them; global projection then skips its first pass.
+    """
+    scores = [s.detach() for s in scores]
+    if structure == "global" and hist1 is not None:
+        total = sum(s.numel() for s in scores)
+        alg._set_masks(ops.topk_masks(scores, keep_count(total, density), hist1=hist1))
+    else:
+        alg._set_masks(project(scores, density, structure, n=n, m=m))
 
 
 def _check_structure(structure: str, sparsity: float, n: int, m: int) -> None:

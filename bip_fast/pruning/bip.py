@@ -8,7 +8,6 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .. import ops
 from .base import (
     Algorithm,
     Batch,
@@ -62,7 +61,8 @@ class BiP(Algorithm):
       forward/backward on B_β at (m_t, θ_t) -> SGD step on weights, biases and norm parameters
       (momentum, ``weight_decay``, rate ``lr``) -> forward/backward on B_α at (m_t, θ_{t+1}) ->
       SGD step on the scores with G_s = sgn(s)·(θ⊙g − (1/γ)·m⊙g⊙g) (rate ``score_lr``, weight
-      decay ``score_weight_decay``, 0 by default) -> m_{t+1} = projection of s_{t+1}.
+      decay ``score_weight_decay``, 0 by default) -> m_{t+1} = projection of s_{t+1}. Both passes
+      run in train mode, so norm-layer running statistics see both batches.
     - ``variant="paper", schedule="fused"`` (Jacobi, 1 forward/backward): one forward/backward
       on B_β at (m_t, θ_t) gives both gradients; both updates; projection. ``upper_batch`` unused.
     - ``variant="official"``: the effective update of the authors' code (SPEC §6), in 2
@@ -72,7 +72,8 @@ class BiP(Algorithm):
       ``structure="global"``), recomputed after each level's update (the authors recompute it
       at every forward, which gives the same masks), and before the upper pass ``scores`` is
       overwritten with a copy of θ while ``ig_scale`` is 0, so the module's score gradient is
-      sgn(θ)·θ⊙g = |θ|⊙g, the authors' ∂ℓ/∂s (also on pruned entries, where θ ≠ 0).
+      sgn(θ)·θ⊙g = |θ|⊙g, the authors' ∂ℓ/∂s (also on pruned entries, where θ ≠ 0). So
+      ``module.scores`` is a copy of θ as of the last upper pass; θ itself is the score.
       Per iteration, with one learning rate η = ``lr`` for both levels (``score_lr`` is unused,
       as in the authors' code) and four momentum buffers per weight (each of the two optimisers
       holds one for the weight slot and one for the score slot of the same storage):
@@ -85,6 +86,7 @@ class BiP(Algorithm):
          (weight slot); biases and unpruned layer weights ← SGD(x, 0); θ ← SGD(θ, G − lr2·G²)
          with G = |θ|⊙g (score slot); norm parameters ← SGD(x, g − lr2·g²); m_{t+1} = top-K|θ|.
 
+      ``score_lr``, ``score_weight_decay``, ``gamma`` and ``score_init`` do not apply here.
       Not reproduced: the extra forwards' BatchNorm running-statistics updates (the authors run
       3 train-mode forwards on B_α per iteration, we run 1) and the authors' per-epoch schedules
       (pass ``total_steps`` for a per-step cosine over both levels).
@@ -133,6 +135,8 @@ class BiP(Algorithm):
         self.gamma = _check_number(gamma, "gamma", low=0.0, low_inclusive=False)
         self.lr2 = _check_number(lr2, "lr2", low=0.0)
         super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, include=include, exclude=exclude)
+        # Global projection reuses the radix histogram computed by the score update's launch.
+        self._hist = structure == "global"
 
         if variant == "paper":
             init_scores(self.modules, score_init)
@@ -169,8 +173,8 @@ class BiP(Algorithm):
             self._project(w)
 
     # -------------------------------------------------------------------------------------
-    def _project(self, scores) -> None:
-        _project_into(self, scores, self.density, self.structure, self.n, self.m)
+    def _project(self, scores, hist1: Optional[torch.Tensor] = None) -> None:
+        _project_into(self, scores, self.density, self.structure, self.n, self.m, hist1)
 
     def step(self, batch: Batch, batch2: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
         """One BiP iteration (see the class docstring); returns the lower pass's metrics."""
@@ -182,14 +186,14 @@ class BiP(Algorithm):
         elif self.schedule == "fused":
             out = self._forward_backward(lower)
             self.param_groups["weights"].step(self.param_groups["weights"].lr * f)
-            self.param_groups["scores"].step(self.param_groups["scores"].lr * f)
-            self._project(self._scores())
+            hist = self.param_groups["scores"].step(self.param_groups["scores"].lr * f, want_hist=self._hist)
+            self._project(self._scores(), hist)
         else:
             out = self._forward_backward(lower)
             self.param_groups["weights"].step(self.param_groups["weights"].lr * f)
             up = self._forward_backward(upper)
-            self.param_groups["scores"].step(self.param_groups["scores"].lr * f)
-            self._project(self._scores())
+            hist = self.param_groups["scores"].step(self.param_groups["scores"].lr * f, want_hist=self._hist)
+            self._project(self._scores(), hist)
             out["upper_loss"] = up["loss"]
             out["upper_correct"] = up["correct"]
         self._zero_grad()
@@ -216,8 +220,10 @@ class BiP(Algorithm):
         g["opt1_weights"].step(g["opt1_weights"].lr * f)
         g["opt1_others"].step(g["opt1_others"].lr * f)
         if self.global_step > 0:  # the score slot has a (zeroed) .grad from the 2nd iteration on
-            g["opt1_scores"].step(g["opt1_scores"].lr * f, self._zeros_like(w))
-        self._project(w)
+            hist = g["opt1_scores"].step(g["opt1_scores"].lr * f, self._zeros_like(w), want_hist=self._hist)
+        else:
+            hist = None
+        self._project(w, hist)
         # Level 2: m-step on B_α at (m', θ'), the score being the weight itself.
         with torch.no_grad():
             for mod in self.modules:
@@ -231,9 +237,9 @@ class BiP(Algorithm):
             gn = [None if p.grad is None else p.grad - self.lr2 * p.grad * p.grad for p in self._norm_params]
         g["opt2_weights"].step(g["opt2_weights"].lr * f, self._zeros_like(w))
         g["opt2_plain"].step(g["opt2_plain"].lr * f, self._zeros_like(self._plain_params))
-        g["opt2_scores"].step(g["opt2_scores"].lr * f, gs)
+        hist = g["opt2_scores"].step(g["opt2_scores"].lr * f, gs, want_hist=self._hist)
         g["opt2_norms"].step(g["opt2_norms"].lr * f, gn)
-        self._project(w)
+        self._project(w, hist)
         out["upper_loss"] = up["loss"]
         out["upper_correct"] = up["correct"]
         return out

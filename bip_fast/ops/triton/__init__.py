@@ -32,6 +32,8 @@ import importlib
 import os
 import threading
 
+import torch
+
 __all__ = [
     "available",
     "register",
@@ -49,6 +51,7 @@ __all__ = [
 _KERNEL_MODULES = ("topk", "masked_weight", "fused_sgd", "masked_linear")
 
 _probe_result: tuple[bool, str] | None = None
+_modules: dict = {}
 _registered = False
 _lock = threading.RLock()
 
@@ -77,8 +80,6 @@ def available() -> tuple[bool, str]:
         except Exception as exc:  # any import failure means "unavailable", with the reason
             _probe_result = (False, f"triton cannot be imported: {type(exc).__name__}: {exc}")
             return _probe_result
-        import torch
-
         if interpreter_enabled():
             _probe_result = (True, "")
         elif torch.cuda.is_available():
@@ -92,6 +93,21 @@ def available() -> tuple[bool, str]:
         return _probe_result
 
 
+def _interpreted(kernel) -> bool:
+    """Whether ``kernel`` (a @triton.jit function, possibly under @triton.autotune) was built
+    for the CPU interpreter (triton decides this when the kernel is decorated)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    k = kernel
+    for _ in range(8):
+        if isinstance(k, InterpretedFunction):
+            return True
+        if not hasattr(k, "fn"):
+            return False
+        k = k.fn
+    return False
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """Launch a Triton kernel from inside a ``triton_op`` body.
 
@@ -101,8 +117,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     allocates outputs) the launch is skipped; ``register_triton_op`` keeps such ops opaque to
     functionalization there, so a compiled graph calls the real op instead of a decomposition.
     """
-    if interpreter_enabled():
-        import torch
+    if _interpreted(kernel):
         from torch._subclasses.fake_tensor import FakeTensor
         from torch._subclasses.functional_tensor import FunctionalTensor
 
@@ -152,45 +167,39 @@ def register() -> None:
         if not ok:
             raise RuntimeError(f"bip_fast triton backend unavailable: {reason}")
         for name in _KERNEL_MODULES:
-            importlib.import_module(f"{__name__}.{name}").register()
+            mod = importlib.import_module(f"{__name__}.{name}")
+            mod.register()
+            _modules[name] = mod
         _registered = True
 
 
 def _module(name: str):
     register()
-    return importlib.import_module(f"{__name__}.{name}")
+    return _modules[name]
 
 
 def radix_histogram_triton(scores, shift: int, bits: int, prefix: int, prefix_shift: int):
     """int64[4096] histogram of digit ``(key >> shift) & ((1 << bits) - 1)`` over the elements
     with ``(key >> prefix_shift) == prefix`` (``prefix_shift >= 31``: all elements)."""
     register()
-    import torch
-
     return torch.ops.bip_fast.radix_histogram_triton(list(scores), shift, bits, prefix, prefix_shift)
 
 
 def topk_masks_triton(scores, keep: int):
     """Bool masks with exactly ``keep`` True over all tensors (largest |s|, ties -> earlier)."""
     register()
-    import torch
-
     return torch.ops.bip_fast.topk_masks_triton(list(scores), int(keep))
 
 
 def topk_masks_hist_triton(scores, keep: int, hist1):
     """``topk_masks_triton`` with the D1 histogram ``hist1`` (int64[4096]) already computed."""
     register()
-    import torch
-
     return torch.ops.bip_fast.topk_masks_hist_triton(list(scores), int(keep), hist1)
 
 
 def masked_weight_triton(theta, mask):
     """``theta * mask`` in theta's dtype."""
     register()
-    import torch
-
     return torch.ops.bip_fast.masked_weight_triton(theta, mask)
 
 
@@ -198,8 +207,6 @@ def masked_weight_backward_triton(grad, theta, mask, scores, ig_scale: float,
                                   need_theta: bool = True, need_scores: bool = True):
     """``(mask*grad, sgn(scores)*(theta*grad - ig_scale*mask*grad^2))``; empty when not needed."""
     register()
-    import torch
-
     return torch.ops.bip_fast.masked_weight_backward_triton(
         grad, theta, mask, scores, float(ig_scale), bool(need_theta), bool(need_scores)
     )
@@ -209,8 +216,6 @@ def fused_sgd_triton_(params, grads, bufs, lr: float, momentum: float, weight_de
                       hist1=None) -> None:
     """In-place SGD step (momentum, weight decay); optional D1 histogram of updated params."""
     register()
-    import torch
-
     torch.ops.bip_fast.fused_sgd_triton_(
         list(params), list(grads), list(bufs), float(lr), float(momentum), float(weight_decay), hist1
     )

@@ -55,7 +55,7 @@ def _fused_sgd_kernel(
             acc += tl.histogram(key >> 19, NBINS, mask=inb)
     if HIST:
         bins = tl.arange(0, NBINS)
-        tl.atomic_add(hist_ptr + bins, acc.to(tl.int64), mask=acc != 0)
+        tl.atomic_add(hist_ptr + bins, acc.to(tl.int64), mask=acc != 0, sem="relaxed")
 
 
 def _dense_like(t: torch.Tensor) -> bool:

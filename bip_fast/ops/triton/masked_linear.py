@@ -72,13 +72,13 @@ def _tile_ids(pid, n_rows, n_cols, BR: tl.constexpr, BC: tl.constexpr, GROUP: tl
     return pid_r, pid_c
 
 
-@triton.autotune(configs=_configs("BM", "BN", "BK"), key=["M", "N", "R", "TF32", "DOT_F32"])
+@triton.autotune(configs=_configs("BM", "BN", "BK"), key=["M", "N", "R", "PRECISION", "DOT_F32"])
 @triton.jit
 def _masked_mm_kernel(
     a_ptr, b_ptr, bmask_ptr, bias_ptr, c_ptr,
     M, N, R,
     stride_am, stride_ar, stride_br, stride_bn, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, TF32: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
 ):
     # C[M,N] = A[M,R] @ (mask*B)[R,N] (+ bias[N]); B and its mask share strides.
@@ -101,10 +101,12 @@ def _masked_mm_kernel(
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if TF32:
+        if PRECISION == 1:
             acc = tl.dot(a, b, acc, input_precision="tf32")
-        else:
+        elif PRECISION == 2:
             acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
         a_ptrs += BK * stride_ar
         b_off += BK * stride_br
     if HAS_BIAS:
@@ -113,13 +115,13 @@ def _masked_mm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rm[:, None] & rn[None, :])
 
 
-@triton.autotune(configs=_configs("BN", "BK", "BM"), key=["M", "N", "K", "TF32", "DOT_F32"])
+@triton.autotune(configs=_configs("BN", "BK", "BM"), key=["M", "N", "K", "PRECISION", "DOT_F32"])
 @triton.jit
 def _masked_linear_wgrad_kernel(
     g_ptr, x_ptr, w_ptr, mask_ptr, s_ptr, dw_ptr, ds_ptr,
     M, N, K, ig_scale,
     stride_gm, stride_gn, stride_xm, stride_xk,
-    NEED_THETA: tl.constexpr, NEED_SCORES: tl.constexpr, TF32: tl.constexpr,
+    NEED_THETA: tl.constexpr, NEED_SCORES: tl.constexpr, PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -140,10 +142,12 @@ def _masked_linear_wgrad_kernel(
         if DOT_F32:
             gt = gt.to(tl.float32)
             xt = xt.to(tl.float32)
-        if TF32:
+        if PRECISION == 1:
             acc = tl.dot(gt, xt, acc, input_precision="tf32")
-        else:
+        elif PRECISION == 2:
             acc = tl.dot(gt, xt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(gt, xt, acc)
         gt_ptrs += BM * stride_gm
         x_ptrs += BM * stride_xm
     wk = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
@@ -159,8 +163,11 @@ def _masked_linear_wgrad_kernel(
         tl.store(ds_ptr + wk, ds.to(ds_ptr.dtype.element_ty), mask=inb)
 
 
-def _tf32(x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and x.is_cuda and bool(torch.backends.cuda.matmul.allow_tf32)
+def _precision(x: torch.Tensor) -> int:
+    """tl.dot input precision code: 0 default (fp16/bf16 operands), 1 tf32, 2 ieee fp32."""
+    if x.dtype != torch.float32:
+        return 0
+    return 1 if x.is_cuda and bool(torch.backends.cuda.matmul.allow_tf32) else 2
 
 
 def _dot_f32(x: torch.Tensor) -> bool:
@@ -194,7 +201,7 @@ def masked_linear_fwd_triton(
         x, w, m, bias if has_bias else w, y,
         M, N, K,
         x.stride(0), x.stride(1), w.stride(1), w.stride(0), y.stride(0), y.stride(1),
-        HAS_BIAS=has_bias, TF32=_tf32(x), DOT_F32=_dot_f32(x),
+        HAS_BIAS=has_bias, PRECISION=_precision(x), DOT_F32=_dot_f32(x),
     )
     return y
 
@@ -217,7 +224,7 @@ def masked_linear_bwd_input_triton(
         grad, w, m, w, gx,
         M, K, N,
         grad.stride(0), grad.stride(1), w.stride(0), w.stride(1), gx.stride(0), gx.stride(1),
-        HAS_BIAS=False, TF32=_tf32(grad), DOT_F32=_dot_f32(grad),
+        HAS_BIAS=False, PRECISION=_precision(grad), DOT_F32=_dot_f32(grad),
     )
     return gx
 
@@ -250,7 +257,7 @@ def masked_linear_bwd_weight_triton(
         grad, x, w, m, s, dw, ds,
         M, N, K, float(ig_scale),
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
-        NEED_THETA=bool(need_theta), NEED_SCORES=bool(need_scores), TF32=_tf32(x),
+        NEED_THETA=bool(need_theta), NEED_SCORES=bool(need_scores), PRECISION=_precision(x),
         DOT_F32=_dot_f32(grad),
     )
     return dw, ds

@@ -22,7 +22,11 @@
 # the count pass reads Nb, the write pass reads Nb and writes N bytes of mask: about 5Nb + N
 # bytes, plus 4096-entry histograms (one int64 atomic per non-empty bin per program) and one
 # int32 per BLOCK elements for the tie counts. topk_masks_hist skips pass 1 (4Nb + N). No FLOPs
-# worth counting; the kernels are bandwidth bound.
+# worth counting, but tl.histogram with 4096 bins lowers (Triton <= 3.6 on NVIDIA) to a
+# warp-ballot scheme costing ~30 warp instructions per element, so the histogram passes are
+# instruction bound at a few tens of Gelem/s (well below HBM bandwidth); the count and write
+# passes are bandwidth bound. Global atomics per element would be cheaper for the filtered
+# passes but serialise badly when many scores share a bucket (e.g. constant initial scores).
 #
 # Limits / trade-offs. One launch per tensor per pass (no pointer tables, so that torch.compile
 # can trace the op with fake tensors): 5 launches per tensor (4 with a precomputed D1
@@ -81,7 +85,7 @@ def _radix_hist_kernel(
         digit = (key >> SHIFT) & (NBINS - 1)
         acc += tl.histogram(digit, NBINS, mask=sel)
     bins = tl.arange(0, NBINS)
-    tl.atomic_add(hist_ptr + bins, acc.to(tl.int64), mask=acc != 0)
+    tl.atomic_add(hist_ptr + bins, acc.to(tl.int64), mask=acc != 0, sem="relaxed")
 
 
 @triton.jit
