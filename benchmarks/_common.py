@@ -138,7 +138,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
         import bip_fast
 
         info = bip_fast.build_info()
-        env["bip_fast_build"] = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        env["bip_fast_build"] = dict(info)
     except Exception as e:  # the header must print even when the package is half built
         env["bip_fast_build"] = {"error": f"{type(e).__name__}: {e}"}
     return env
@@ -161,7 +161,8 @@ def format_header(env: Dict[str, Any], title: str) -> str:
         )
     build = env.get("bip_fast_build") or {}
     if build:
-        lines.append("- bip_fast build: " + ", ".join(f"{k}={v}" for k, v in build.items()))
+        scalars = {k: v for k, v in build.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        lines.append("- bip_fast build: " + ", ".join(f"{k}={v}" for k, v in scalars.items()))
     return "\n".join(lines)
 
 
@@ -222,12 +223,18 @@ def bench(
     """Time ``fn()`` per call on ``device``; warm-up calls are run first and not counted.
 
     CPU: at least ``min_repeats`` and at most ``repeats`` timed calls, stopping early once
-    ``max_seconds`` of timed calls have accumulated (so slow baselines get fewer repeats).
+    ``max_seconds`` of timed calls have accumulated (so slow baselines get fewer repeats); one
+    warm-up call that alone takes over a quarter of ``max_seconds`` ends the warm-up.
     CUDA: ``triton.testing.do_bench`` with a time budget derived from the same numbers
     (it flushes L2 between calls, so every call starts from cold cache like in training).
     """
     for _ in range(max(warmup, 0)):
+        t0 = time.perf_counter()
         fn()
+        synchronize(device)
+        # A CPU call that takes a large part of the budget is warm after one call: no more.
+        if device.type != "cuda" and time.perf_counter() - t0 > max_seconds / 4:
+            break
     synchronize(device)
     if device.type == "cuda":
         return _bench_cuda(fn, device, repeats=repeats, max_seconds=max_seconds, min_repeats=min_repeats)
@@ -248,7 +255,7 @@ def _bench_cuda(fn, device, *, repeats: int, max_seconds: float, min_repeats: in
     except Exception:  # triton missing or broken: CUDA events directly
         do_bench = None
     if do_bench is not None:
-        # do_bench picks its own repeat count from a time budget (ms): estimate it from one call.
+        # do_bench picks its repeat count from a time budget (ms): estimate it from one call.
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -257,9 +264,8 @@ def _bench_cuda(fn, device, *, repeats: int, max_seconds: float, min_repeats: in
         est = max(start.elapsed_time(end), 1e-3)
         rep_ms = min(max(est * repeats, 20.0), max_seconds * 1e3)
         rep_ms = max(rep_ms, est * min_repeats)
-        med, p20, p80 = do_bench(fn, warmup=1, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        n = max(int(rep_ms / est), 1)
-        return Timing(float(med), float(p20), float(p80), n, "triton.do_bench")
+        times = do_bench(fn, warmup=1, rep=rep_ms, return_mode="all")
+        return Timing.from_samples([float(t) for t in times], "triton.do_bench")
     samples: List[float] = []
     spent = 0.0
     while len(samples) < repeats and (len(samples) < min_repeats or spent < max_seconds):
@@ -314,7 +320,10 @@ class Row:
     targets: List[Dict[str, Any]] = field(default_factory=list)
 
     def add_target(self, name: str, value: float, op: str, threshold: float) -> None:
-        passed = value >= threshold if op == ">=" else value <= threshold
+        checks = {">=": value >= threshold, ">": value > threshold, "<=": value <= threshold, "<": value < threshold}
+        if op not in checks:
+            raise ValueError(f"op: expected one of {sorted(checks)}, got {op!r}")
+        passed = checks[op]
         self.targets.append({"name": name, "value": value, "op": op, "threshold": threshold, "passed": bool(passed)})
 
     @property

@@ -119,13 +119,15 @@ class Runner:
         self.errors: List[Dict[str, str]] = []
         self.gpu = device.type == "cuda"
 
-    def time(self, fn: Callable[[], Any], *, slow: bool = False) -> C.Timing:
+    def time(self, fn: Callable[[], Any], *, slow: bool = False, warmup: Optional[int] = None) -> C.Timing:
+        """``slow``: baselines and reference paths that take ~1 s per call on a 2-core CPU get
+        fewer repeats. ``warmup``: override (0 where the correctness call already warmed up)."""
         a = self.args
-        if slow:  # baselines that take ~1 s per call on a 2-core CPU
-            return C.bench(fn, self.device, warmup=1, repeats=a.slow_repeats, max_seconds=a.max_seconds / 2,
-                           min_repeats=min(3, a.slow_repeats))
-        return C.bench(fn, self.device, warmup=a.warmup, repeats=a.repeats, max_seconds=a.max_seconds,
-                       min_repeats=min(3, a.repeats))
+        if slow:
+            return C.bench(fn, self.device, warmup=1 if warmup is None else warmup, repeats=a.slow_repeats,
+                           max_seconds=a.max_seconds / 2, min_repeats=min(3, a.slow_repeats))
+        return C.bench(fn, self.device, warmup=a.warmup if warmup is None else warmup, repeats=a.repeats,
+                       max_seconds=a.max_seconds, min_repeats=min(3, a.repeats))
 
     def add(self, row: C.Row) -> C.Row:
         self.rows.append(row)
@@ -240,16 +242,20 @@ def bench_topk(r: Runner, scores: List[torch.Tensor], backends: List[str], densi
                 if with_hist and b == "reference":
                     continue  # the reference ignores hist1
                 op = "topk_masks + hist1" if with_hist else "topk_masks"
+                slow = b == "reference" and not r.gpu
                 try:
                     hist1 = ops.radix_histogram(scores, backend=b) if with_hist else None
+                    # This call is also the warm-up of the slow CPU reference.
                     got = ops.topk_masks(scores, keep, hist1=hist1, backend=b)
                     _check_masks(f"{op}[{b}] {cfg}", got, want)
+                    del got
                 except CorrectnessError:
                     raise
                 except Exception as e:
                     r.error(op, b, cfg, e)
                     continue
-                t = r.time(lambda: ops.topk_masks(scores, keep, hist1=hist1, backend=b), slow=b == "reference")
+                t = r.time(lambda: ops.topk_masks(scores, keep, hist1=hist1, backend=b), slow=slow,
+                           warmup=0 if slow else None)
                 x_sort = t_sort.median_ms / t.median_ms
                 x_kth = t_kth.median_ms / t.median_ms
                 x_topk = t_top.median_ms / t.median_ms
@@ -351,7 +357,7 @@ def bench_sgd(r: Runner, weights: List[torch.Tensor], backends: List[str], bw: D
             else:
                 def step(P=P, G=G, B=B):
                     ops.fused_sgd_(P, G, B, lr, mom, wd, backend=b)
-            t = r.time(step)
+            t = r.time(step, slow=b == "reference" and not r.gpu)
             x_fe = t_fe.median_ms / t.median_ms
             pct = 100 * gbs(t) / bw["copy_gbs"]
             row = C.Row(op, b, cfg, t, metric=f"{gbs(t):.1f} GB/s ({pct:.0f}%), {x_fe:.2f}x foreach",

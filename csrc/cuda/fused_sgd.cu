@@ -1,4 +1,5 @@
-// CUDA multi-tensor SGD with momentum and weight decay, in place: fused_sgd_.
+// CUDA multi-tensor SGD with momentum and weight decay, in place: fused_sgd_ (host wrapper and
+// op registration: ops_cuda.cu).
 //
 // Per element (PyTorch SGD, dampening 0, no nesterov), float32 math, one rounding per stored
 // value:  d = g + wd * p ;  b = mom * b + d ;  p = p - lr * b.
@@ -23,9 +24,7 @@
 // param's layout. Dense tensors with equal strides (the normal case, channels_last included)
 // are processed in memory order, which is fine for an elementwise update and an
 // order-independent histogram. grads and momentum_buffers must have the dtype of their param.
-#include <torch/library.h>
-
-#include "cuda_utils.cuh"
+#include "kernels.cuh"
 
 namespace bip_fast {
 namespace cuda {
@@ -33,16 +32,6 @@ namespace {
 
 using radix::kRadixBins;
 constexpr int kSgdUnroll = 2;
-
-struct SgdSeg {
-  void* p;
-  const void* g;
-  void* b;
-  int64_t numel;
-  int64_t chunk_begin;
-  int32_t dtype;
-  int32_t vec_ok;
-};
 
 struct SgdCoef {
   float lr, mom, wd;
@@ -135,108 +124,20 @@ fused_sgd_kernel(const SgdSeg* __restrict__ segs, int nseg, int64_t nchunks, Sgd
   }
 }
 
-bool same_layout(const at::Tensor& a, const at::Tensor& ref) {
-  return a.is_non_overlapping_and_dense() && a.strides() == ref.strides();
-}
-
-void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, double lr,
-                    double momentum, double weight_decay, const std::optional<at::Tensor>& hist1) {
-  const char* op = "bip_fast::fused_sgd_";
-  TORCH_CHECK(grads.size() == params.size(), op, ": grads must have one tensor per param (",
-              params.size(), "), got ", grads.size());
-  TORCH_CHECK(bufs.size() == params.size(), op,
-              ": momentum_buffers must have one tensor per param (", params.size(), "), got ",
-              bufs.size());
-  if (params.empty()) return;
-  const at::Device dev = params[0].device();
-  const c10::cuda::CUDAGuard guard(dev);
-  const bool has_hist = hist1.has_value() && hist1->defined();
-  if (has_hist) {
-    check_cuda_tensor(*hist1, dev, op, "hist1");
-    TORCH_CHECK(hist1->scalar_type() == at::kLong, op, ": hist1 must be int64, got ",
-                hist1->scalar_type());
-    TORCH_CHECK(hist1->dim() == 1 && hist1->numel() == kRadixBins, op,
-                ": hist1 must have shape (", kRadixBins, ",), got ", hist1->sizes());
-    TORCH_CHECK(hist1->is_contiguous(), op, ": hist1 must be contiguous (it is updated in place)");
-  }
-
-  std::vector<SgdSeg> segs;
-  segs.reserve(params.size());
-  std::vector<at::Tensor> keep_alive;            // working tensors used by the kernel
-  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (user tensor, working copy)
-  int64_t nchunks = 0;
-  for (const auto i : c10::irange(params.size())) {
-    const int64_t idx = static_cast<int64_t>(i);
-    const at::Tensor& P = params[i];
-    const at::Tensor& G = grads[i];
-    const at::Tensor& B = bufs[i];
-    check_cuda_tensor(P, dev, op, "params", idx);
-    check_cuda_tensor(G, dev, op, "grads", idx);
-    check_cuda_tensor(B, dev, op, "momentum_buffers", idx);
-    const int32_t code = dtype_code(P, op, "params", idx);
-    TORCH_CHECK(G.scalar_type() == P.scalar_type(), op, ": grads[", i, "] must have dtype ",
-                P.scalar_type(), " like params[", i, "], got ", G.scalar_type());
-    TORCH_CHECK(B.scalar_type() == P.scalar_type(), op, ": momentum_buffers[", i,
-                "] must have dtype ", P.scalar_type(), " like params[", i, "], got ",
-                B.scalar_type());
-    TORCH_CHECK(G.sizes() == P.sizes(), op, ": grads[", i, "] must have shape ", P.sizes(),
-                " like params[", i, "], got ", G.sizes());
-    TORCH_CHECK(B.sizes() == P.sizes(), op, ": momentum_buffers[", i, "] must have shape ",
-                P.sizes(), " like params[", i, "], got ", B.sizes());
-    if (P.numel() == 0) continue;
-    at::Tensor pw = P;
-    if (!P.is_non_overlapping_and_dense()) {
-      pw = P.contiguous();
-      write_back.emplace_back(P, pw);
-    }
-    at::Tensor bw = B;
-    if (!same_layout(B, pw)) {
-      bw = at::empty_like(pw);
-      bw.copy_(B);
-      write_back.emplace_back(B, bw);
-    }
-    at::Tensor gw = G;
-    if (!same_layout(G, pw)) {
-      gw = at::empty_like(pw);
-      gw.copy_(G);
-    }
-    SgdSeg s{};
-    s.p = pw.data_ptr();
-    s.g = gw.const_data_ptr();
-    s.b = bw.data_ptr();
-    s.numel = pw.numel();
-    s.chunk_begin = nchunks;
-    s.dtype = code;
-    const int64_t vb = 4 * dtype_size(code);
-    s.vec_ok = (aligned_to(s.p, vb) && aligned_to(s.g, vb) && aligned_to(s.b, vb)) ? 1 : 0;
-    nchunks += chunks_of(s.numel);
-    segs.push_back(s);
-    keep_alive.push_back(pw);
-    keep_alive.push_back(gw);
-    keep_alive.push_back(bw);
-  }
-  if (nchunks == 0) return;
-
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor table = upload_table(segs, dev);
-  const SgdSeg* dsegs = reinterpret_cast<const SgdSeg*>(table.const_data_ptr());
-  const SgdCoef c{static_cast<float>(lr), static_cast<float>(momentum),
-                  static_cast<float>(weight_decay)};
-  const int grid = grid_for_chunks(nchunks);
-  const int nseg = static_cast<int>(segs.size());
-  if (has_hist) {
-    fused_sgd_kernel<true><<<grid, kThreads, kRadixBins * sizeof(unsigned int), stream>>>(
-        dsegs, nseg, nchunks, c, hist1->data_ptr<int64_t>());
-  } else {
-    fused_sgd_kernel<false><<<grid, kThreads, 0, stream>>>(dsegs, nseg, nchunks, c, nullptr);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  for (auto& wb : write_back) wb.first.copy_(wb.second);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bip_fast, CUDA, m) { m.impl("fused_sgd_", &fused_sgd_cuda); }
+cudaError_t launch_fused_sgd(const SgdSeg* segs, int nseg, int64_t nchunks, int grid, float lr,
+                             float momentum, float weight_decay, int64_t* hist1,
+                             cudaStream_t stream) {
+  const SgdCoef c{lr, momentum, weight_decay};
+  if (hist1 != nullptr) {
+    fused_sgd_kernel<true><<<grid, kThreads, kRadixBins * sizeof(unsigned int), stream>>>(
+        segs, nseg, nchunks, c, hist1);
+  } else {
+    fused_sgd_kernel<false><<<grid, kThreads, 0, stream>>>(segs, nseg, nchunks, c, nullptr);
+  }
+  return cudaGetLastError();
+}
 
 }  // namespace cuda
 }  // namespace bip_fast

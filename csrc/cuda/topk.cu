@@ -1,4 +1,5 @@
-// CUDA multi-tensor radix select: radix_histogram, topk_masks, topk_masks_hist.
+// CUDA multi-tensor radix select kernels: radix_histogram, topk_masks, topk_masks_hist
+// (host wrappers and op registration: ops_cuda.cu).
 //
 // Algorithm (docs/design.md "Radix key"). The keep-th largest radix key T over all tensors is
 // found digit by digit (D1 = key>>19, D2 = (key>>7)&0xfff, D3 = key&0x7f) without concatenating
@@ -35,9 +36,7 @@
 // channels_last inputs are copied first; masks are returned contiguous.
 // Trade-off: hist2 and hist3 re-read all data instead of compacting candidate keys; this keeps
 // the kernels simple and deterministic; the extra reads mostly hit L2 at the sizes of interest.
-#include <torch/library.h>
-
-#include "cuda_utils.cuh"
+#include "kernels.cuh"
 
 namespace bip_fast {
 namespace cuda {
@@ -58,15 +57,6 @@ enum StateSlot : int {
   kEq = 5,       // number of keys == T
   kAllTies = 6,  // 1 when need == eq (every key == T is kept)
   kStateSlots = 8,
-};
-
-struct TopkSeg {
-  const void* in;
-  bool* out;
-  int64_t numel;
-  int64_t chunk_begin;
-  int32_t dtype;
-  int32_t vec_ok;
 };
 
 // ---- histogram of ((key >> shift) & mask) over keys with (key >> prefix_shift) == prefix ----
@@ -307,198 +297,92 @@ write_masks_kernel(const TopkSeg* __restrict__ segs, int nseg, int64_t nchunks,
     } else {
       // The one chunk that straddles `need`: rank its keys == T in flat-index order.
       // Uniform trip count over the block (every thread runs every tile: the scan syncs).
-      int64_t taken = 0;
-      const int64_t tile = static_cast<int64_t>(blockDim.x) * 4;
-      for (int64_t t0 = cs; t0 < ce; t0 += tile) {
-        const int64_t i0 = t0 + 4 * static_cast<int64_t>(threadIdx.x);
-        uint32_t keys[4];
-        int cnt = 0;
-        with_elem_type(seg.dtype, [&](auto* tag) {
-          using T_ = typename std::remove_pointer<decltype(tag)>::type;
-          const T_* p = static_cast<const T_*>(seg.in);
+      with_elem_type(seg.dtype, [&](auto* tag) {
+        using T_ = typename std::remove_pointer<decltype(tag)>::type;
+        const T_* __restrict__ p = static_cast<const T_*>(seg.in);
+        int64_t taken = 0;
+        const int64_t tile = static_cast<int64_t>(blockDim.x) * 4;
+        for (int64_t t0 = cs; t0 < ce; t0 += tile) {
+          const int64_t i0 = t0 + 4 * static_cast<int64_t>(threadIdx.x);
+          uint32_t keys[4];
+          int cnt = 0;
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             keys[j] = (i0 + j < ce) ? key_of(Elem<T_>::load(p, i0 + j)) : 0u;
+            cnt += (i0 + j < ce && keys[j] == T) ? 1 : 0;
           }
-        });
+          int tile_ties;
+          const int ex = block_exclusive_scan(cnt, warp_sums, &tile_ties);
+          int64_t r = taken + ex;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) cnt += (i0 + j < ce && keys[j] == T) ? 1 : 0;
-        int tile_ties;
-        const int ex = block_exclusive_scan(cnt, warp_sums, &tile_ties);
-        int64_t r = taken + ex;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (i0 + j < ce) {
-            bool m = keys[j] > T;
-            if (keys[j] == T) {
-              m = r < take;
-              ++r;
+          for (int j = 0; j < 4; ++j) {
+            if (i0 + j < ce) {
+              bool m = keys[j] > T;
+              if (keys[j] == T) {
+                m = r < take;
+                ++r;
+              }
+              out[i0 + j] = m;
             }
-            out[i0 + j] = m;
           }
+          taken += tile_ties;
         }
-        taken += tile_ties;
-      }
+      });
     }
   }
 }
 
-// ---- host side ----
-struct Prepared {
-  std::vector<at::Tensor> contig;  // keeps the .contiguous() copies alive until launched
-  std::vector<TopkSeg> segs;
-  int64_t total = 0;
-  int64_t nchunks = 0;
-};
-
-Prepared prepare(at::TensorList scores, const char* op, std::vector<at::Tensor>* masks) {
-  Prepared p;
-  const at::Device dev = scores[0].device();
-  p.contig.reserve(scores.size());
-  p.segs.reserve(scores.size());
-  for (const auto i : c10::irange(scores.size())) {
-    const at::Tensor& s = scores[i];
-    check_cuda_tensor(s, dev, op, "scores", static_cast<int64_t>(i));
-    const int32_t code = dtype_code(s, op, "scores", static_cast<int64_t>(i));
-    at::Tensor c = s.contiguous();
-    TopkSeg seg{};
-    seg.in = c.const_data_ptr();
-    seg.numel = c.numel();
-    seg.chunk_begin = p.nchunks;
-    seg.dtype = code;
-    seg.vec_ok = aligned_to(seg.in, 4 * dtype_size(code)) ? 1 : 0;
-    if (masks != nullptr) {
-      masks->push_back(at::empty(s.sizes(), s.options().dtype(at::kBool).memory_format(
-                                                at::MemoryFormat::Contiguous)));
-      seg.out = masks->back().data_ptr<bool>();
-    } else {
-      seg.out = nullptr;
-    }
-    p.total += seg.numel;
-    p.nchunks += chunks_of(seg.numel);
-    p.segs.push_back(seg);
-    p.contig.push_back(std::move(c));
-  }
-  return p;
-}
-
-std::vector<at::Tensor> topk_impl(at::TensorList scores, int64_t keep, const at::Tensor* hist1,
-                                  const char* op) {
-  std::vector<at::Tensor> masks;
-  if (scores.empty()) {
-    TORCH_CHECK(keep == 0, op, ": keep must be 0 for an empty list of scores, got ", keep);
-    return masks;
-  }
-  const c10::cuda::CUDAGuard guard(scores[0].device());
-  masks.reserve(scores.size());
-  Prepared p = prepare(scores, op, &masks);
-  TORCH_CHECK(keep >= 0 && keep <= p.total, op, ": keep must be in [0, ", p.total,
-              "] (total number of scores), got ", keep);
-  at::Tensor hist1_c;
-  if (hist1 != nullptr) {
-    check_cuda_tensor(*hist1, scores[0].device(), op, "hist1");
-    TORCH_CHECK(hist1->scalar_type() == at::kLong, op, ": hist1 must be int64, got ",
-                hist1->scalar_type());
-    TORCH_CHECK(hist1->dim() == 1 && hist1->numel() == kRadixBins, op,
-                ": hist1 must have shape (", kRadixBins, ",), got ", hist1->sizes());
-    hist1_c = hist1->contiguous();
-  }
-  if (p.total == 0) return masks;
-
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor table = upload_table(p.segs, scores[0].device());
-  const TopkSeg* segs = reinterpret_cast<const TopkSeg*>(table.const_data_ptr());
-  const int nseg = static_cast<int>(p.segs.size());
-  const int grid = grid_for_chunks(p.nchunks);
-
-  if (keep == 0 || keep == p.total) {
-    write_masks_kernel<<<grid, kThreads, 0, stream>>>(segs, nseg, p.nchunks, nullptr, nullptr,
-                                                      nullptr, keep == 0 ? 0 : 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return masks;
-  }
-
-  // Workspace: [hist1 4096 | hist2 4096 | hist3 128 | state 8] zeroed, then chunk_base.
-  constexpr int64_t kZeroed = 2 * kRadixBins + kD3Bins + kStateSlots;
-  const auto i64 = scores[0].options().dtype(at::kLong);
-  at::Tensor ws = at::empty({kZeroed + p.nchunks}, i64);
-  int64_t* w = ws.data_ptr<int64_t>();
-  C10_CUDA_CHECK(cudaMemsetAsync(w, 0, kZeroed * sizeof(int64_t), stream));
-  int64_t* h1 = hist1 != nullptr ? hist1_c.data_ptr<int64_t>() : w;
-  int64_t* h2 = w + kRadixBins;
-  int64_t* h3 = w + 2 * kRadixBins;
-  int64_t* state = h3 + kD3Bins;
-  int64_t* chunk_base = w + kZeroed;
-  at::Tensor ch3 = at::empty({p.nchunks * kD3Bins}, scores[0].options().dtype(at::kInt));
-  int32_t* chunk_hist3 = ch3.data_ptr<int32_t>();
-
-  if (hist1 == nullptr) {
-    hist_kernel<<<grid, kThreads, 0, stream>>>(segs, nseg, p.nchunks, radix::kD1Shift,
-                                               radix::kD1Bits, radix::kNoPrefixShift, 0u,
-                                               nullptr, h1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  select_kernel<<<1, kScanThreads, 0, stream>>>(h1, radix::kD1Bits, 1, keep, state, nullptr,
-                                                nullptr, 0);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  hist_kernel<<<grid, kThreads, 0, stream>>>(segs, nseg, p.nchunks, radix::kD2Shift,
-                                             radix::kD2Bits, radix::kD1Shift, 0u, state, h2);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  select_kernel<<<1, kScanThreads, 0, stream>>>(h2, radix::kD2Bits, 2, keep, state, nullptr,
-                                                nullptr, 0);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  hist3_kernel<<<grid, kThreads, 0, stream>>>(segs, nseg, p.nchunks, state, h3, chunk_hist3);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  select_kernel<<<1, kScanThreads, 0, stream>>>(h3, radix::kD3Bits, 3, keep, state, chunk_hist3,
-                                                chunk_base, p.nchunks);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  write_masks_kernel<<<grid, kThreads, 0, stream>>>(segs, nseg, p.nchunks, state, chunk_hist3,
-                                                    chunk_base, -1);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return masks;
-}
-
-std::vector<at::Tensor> topk_masks_cuda(at::TensorList scores, int64_t keep) {
-  return topk_impl(scores, keep, nullptr, "bip_fast::topk_masks");
-}
-
-std::vector<at::Tensor> topk_masks_hist_cuda(at::TensorList scores, int64_t keep,
-                                             const at::Tensor& hist1) {
-  return topk_impl(scores, keep, &hist1, "bip_fast::topk_masks_hist");
-}
-
-at::Tensor radix_histogram_cuda(at::TensorList scores, int64_t shift, int64_t bits,
-                                int64_t prefix, int64_t prefix_shift) {
-  const char* op = "bip_fast::radix_histogram";
-  TORCH_CHECK(bits >= 1 && bits <= radix::kD1Bits, op, ": bits must be in [1, 12], got ", bits);
-  TORCH_CHECK(shift >= 0 && shift <= 31, op, ": shift must be in [0, 31], got ", shift);
-  TORCH_CHECK(prefix_shift >= 0, op, ": prefix_shift must be >= 0, got ", prefix_shift);
-  TORCH_CHECK(prefix >= 0 && prefix <= 0xffffffffLL, op, ": prefix must be in [0, 2^32), got ",
-              prefix);
-  TORCH_CHECK(!scores.empty(), op, ": scores must hold at least one tensor (the output device "
-              "is taken from scores[0])");
-  const c10::cuda::CUDAGuard guard(scores[0].device());
-  Prepared p = prepare(scores, op, nullptr);
-  at::Tensor out = at::zeros({kRadixBins}, scores[0].options().dtype(at::kLong));
-  if (p.total == 0) return out;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor table = upload_table(p.segs, scores[0].device());
-  const int ps = prefix_shift >= radix::kNoPrefixShift ? radix::kNoPrefixShift
-                                                       : static_cast<int>(prefix_shift);
-  hist_kernel<<<grid_for_chunks(p.nchunks), kThreads, 0, stream>>>(
-      reinterpret_cast<const TopkSeg*>(table.const_data_ptr()), static_cast<int>(p.segs.size()),
-      p.nchunks, static_cast<int>(shift), static_cast<int>(bits), ps,
-      static_cast<uint32_t>(prefix), nullptr, out.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
+// ---- launchers ----
+// Workspace: [hist1 4096 | hist2 4096 | hist3 128 | state 8] (zeroed here), then chunk_base.
+constexpr int64_t kZeroedSlots = 2 * kRadixBins + kD3Bins + kStateSlots;
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bip_fast, CUDA, m) {
-  m.impl("radix_histogram", &radix_histogram_cuda);
-  m.impl("topk_masks", &topk_masks_cuda);
-  m.impl("topk_masks_hist", &topk_masks_hist_cuda);
+int64_t topk_workspace_slots(int64_t nchunks) { return kZeroedSlots + nchunks; }
+
+cudaError_t launch_topk_select(const TopkSeg* segs, int nseg, int64_t nchunks, int grid,
+                               int64_t keep, const int64_t* hist1, int64_t* ws,
+                               int32_t* chunk_hist3, cudaStream_t stream) {
+  cudaError_t err = cudaMemsetAsync(ws, 0, kZeroedSlots * sizeof(int64_t), stream);
+  if (err != cudaSuccess) return err;
+  int64_t* h1 = ws;
+  int64_t* h2 = ws + kRadixBins;
+  int64_t* h3 = ws + 2 * kRadixBins;
+  int64_t* state = h3 + kD3Bins;
+  int64_t* chunk_base = ws + kZeroedSlots;
+  if (hist1 == nullptr) {
+    hist_kernel<<<grid, kThreads, 0, stream>>>(segs, nseg, nchunks, radix::kD1Shift,
+                                               radix::kD1Bits, radix::kNoPrefixShift, 0u,
+                                               nullptr, h1);
+    hist1 = h1;
+  }
+  select_kernel<<<1, kScanThreads, 0, stream>>>(hist1, radix::kD1Bits, 1, keep, state, nullptr,
+                                                nullptr, 0);
+  hist_kernel<<<grid, kThreads, 0, stream>>>(segs, nseg, nchunks, radix::kD2Shift,
+                                             radix::kD2Bits, radix::kD1Shift, 0u, state, h2);
+  select_kernel<<<1, kScanThreads, 0, stream>>>(h2, radix::kD2Bits, 2, keep, state, nullptr,
+                                                nullptr, 0);
+  hist3_kernel<<<grid, kThreads, 0, stream>>>(segs, nseg, nchunks, state, h3, chunk_hist3);
+  select_kernel<<<1, kScanThreads, 0, stream>>>(h3, radix::kD3Bits, 3, keep, state, chunk_hist3,
+                                                chunk_base, nchunks);
+  write_masks_kernel<<<grid, kThreads, 0, stream>>>(segs, nseg, nchunks, state, chunk_hist3,
+                                                    chunk_base, -1);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_topk_fill(const TopkSeg* segs, int nseg, int64_t nchunks, int grid, int value,
+                             cudaStream_t stream) {
+  write_masks_kernel<<<grid, kThreads, 0, stream>>>(segs, nseg, nchunks, nullptr, nullptr,
+                                                    nullptr, value != 0 ? 1 : 0);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_radix_histogram(const TopkSeg* segs, int nseg, int64_t nchunks, int grid,
+                                   int shift, int bits, int prefix_shift, uint32_t prefix,
+                                   int64_t* hist, cudaStream_t stream) {
+  hist_kernel<<<grid, kThreads, 0, stream>>>(segs, nseg, nchunks, shift, bits, prefix_shift,
+                                             prefix, nullptr, hist);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda
