@@ -112,7 +112,8 @@ class TrainHparams:
     seed: int = _f(0, "seed of model init, data order and subset choice")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     bf16: bool = _f(False, "bf16 autocast for forward/backward")
-    compile: bool = _f(False, "torch.compile the model (nn.Module.compile)")
+    compile: bool = _f(False, "torch.compile the model's forward")
+    sync_bn: bool = _f(False, "DDP on GPUs: SyncBatchNorm (batch statistics over the global batch)")
     log_interval: int = _f(50, "steps between device->host metric syncs (progress bar)")
     progress: bool = _f(True, "tqdm progress bars (shown on a terminal only)")
 
@@ -385,8 +386,6 @@ class RunConfig:
             raise ValueError(f"sparsity: prune needs a sparsity in (0, 1), got {p.sparsity!r}")
         if c in ("finetune", "eval", "export") and not self.checkpoint:
             raise ValueError(f"checkpoint: {c} needs --checkpoint PATH (a run folder, checkpoint.pt or model.pt)")
-        if c != "eval" and not self.out:
-            raise ValueError(f"out: {c} needs --out DIR")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,156 @@
+"""Command line: ``python -m bip_fast {pretrain,prune,finetune,eval,export} [flags]``.
+
+Every hyper-parameter of :mod:`bip_fast.engine.hparams` is a flag (``--sparsity 0.9``,
+``--arch resnet20``, ``--subset 1024 500`` ...). ``--config FILE.yaml`` reads a config first;
+flags given on the command line override it. Examples::
+
+    python -m bip_fast pretrain --arch resnet18 --out runs/dense --data-dir data
+    python -m bip_fast prune --config configs/bip_resnet18_cifar10.yaml --pretrained runs/dense --out runs/bip90
+    python -m bip_fast prune --out runs/bip90 --resume            # continue an interrupted run
+    python -m bip_fast finetune --checkpoint runs/omp90 --epochs 20 --out runs/ft
+    python -m bip_fast eval --checkpoint runs/bip90
+    python -m bip_fast export --checkpoint runs/bip90 --out runs/bip90/export
+
+Bad input prints one line ``bip_fast: error: ...`` on stderr and exits with status 2; nothing is
+written in that case. A run folder that already holds a run is refused unless ``--resume`` (to
+continue it) or ``--force`` (to overwrite it). Under torchrun (WORLD_SIZE > 1) the process group
+is initialised from the environment and only rank 0 writes files and prints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from .engine.hparams import COMMANDS, RunConfig, add_flags, load_yaml
+
+__all__ = ["main", "build_parser"]
+
+_HELP = {
+    "pretrain": "train the dense model (method dense); writes model.pt",
+    "prune": "prune with --method bip|imp|omp|hydra from --pretrained (or after a dense phase)",
+    "finetune": "retrain --checkpoint's model under its fixed masks",
+    "eval": "test accuracy and sparsity of --checkpoint",
+    "export": "write --checkpoint as a plain PyTorch model (model_dense_format.pt) and masks.pt",
+}
+# Flags that may differ from the checkpointed config on --resume.
+_RESUME_FREE = {"out", "resume", "force", "device", "progress", "config", "command"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2
+        self.exit(2, f"bip_fast: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m bip_fast", description="BiP pruning and its baselines (IMP, OMP, Hydra).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd, help=_HELP[cmd], description=_HELP[cmd])
+        run = p.add_argument_group("run")
+        run.add_argument("--config", metavar="FILE", help="YAML config (flags override it)")
+        run.add_argument("--out", metavar="DIR", default=argparse.SUPPRESS,
+                         help="run folder (export: output folder)")
+        run.add_argument("--checkpoint", metavar="PATH", default=argparse.SUPPRESS,
+                         help="finetune/eval/export: run folder, checkpoint.pt or model.pt")
+        run.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
+                         help="continue the run in --out from its checkpoint.pt")
+        run.add_argument("--force", action="store_true", default=argparse.SUPPRESS,
+                         help="overwrite a run folder that already holds a run")
+        add_flags(p)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> tuple[RunConfig, set]:
+    given = {k: v for k, v in vars(args).items() if k not in ("config",)}
+    flat = {}
+    if args.config:
+        flat.update(load_yaml(args.config))
+    flat.update(given)
+    flat["command"] = args.command
+    if args.command in ("pretrain", "finetune", "eval", "export") and "method" not in given:
+        if args.command in ("pretrain", "finetune") or "method" not in flat:
+            flat["method"] = "dense"
+    if args.command == "eval":
+        flat.pop("out", None)
+    if "subset" in flat and flat["subset"] is not None:
+        flat["subset"] = tuple(flat["subset"])
+    return RunConfig.from_flat(flat), set(given)
+
+
+def _check_resume_flags(trainer_cfg: RunConfig, requested: RunConfig, given: set) -> None:
+    stored = trainer_cfg.flat()
+    want = requested.flat()
+    for k in sorted(given - _RESUME_FREE):
+        a, b = want.get(k), stored.get(k)
+        if isinstance(a, (list, tuple)):
+            a = list(a)
+        if isinstance(b, (list, tuple)):
+            b = list(b)
+        if a != b:
+            raise ValueError(f"--{k.replace('_', '-')}: the run being resumed has {b!r}, got {a!r} "
+                             f"(a resumed run keeps its configuration)")
+
+
+def _run(argv: Optional[List[str]]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg, given = _config(args)
+    cmd = cfg.command
+
+    from .engine import loop
+
+    if cmd in ("pretrain", "prune", "finetune"):
+        dist_started = loop.init_distributed_from_env()
+        if not cfg.out:
+            raise ValueError(f"out: {cmd} needs --out DIR")
+        if not cfg.resume:
+            cfg = cfg.resolved()  # validate before touching anything
+            loop.check_out_dir(cfg.out, False, cfg.force)
+        trainer = loop.Trainer(cfg)
+        if cfg.resume:
+            if trainer.cfg.command != cmd:
+                raise ValueError(f"resume: '{cfg.out}' holds a {trainer.cfg.command!r} run, not {cmd!r}")
+            _check_resume_flags(trainer.cfg, cfg, given)
+        try:
+            rep = trainer.run()
+        finally:
+            if dist_started:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+        if trainer.is_main:
+            print(json.dumps(rep))
+        return 0
+    cfg = cfg.resolved()
+    if cmd == "export" and not cfg.out:
+        raise ValueError("out: export needs --out DIR")
+    if cmd == "eval":
+        rep = loop.evaluate_checkpoint(cfg)
+        print(json.dumps(rep))
+        return 0
+    rep = loop.export_checkpoint(cfg)
+    print(json.dumps(rep))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; returns the exit status (2 on bad input, with a one-line message)."""
+    try:
+        return _run(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, message already printed)
+        return e.code if isinstance(e.code, int) else 2
+    except (ValueError, FileNotFoundError, TypeError, NotADirectoryError, IsADirectoryError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"bip_fast: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bip_fast: interrupted (the last epoch's checkpoint.pt is kept; rerun with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
