@@ -185,6 +185,19 @@ def test_failed_download_becomes_file_not_found(tmp_path, monkeypatch):
     assert calls == [("cifar100", tmp_path)]
 
 
+def test_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    where = tmp_path / "not" / "there"
+    with pytest.raises(FileNotFoundError, match="network unreachable"):
+        load_dataset("cifar10", data_dir=where, download=True)
+    assert not where.exists()
+
+
 def test_missing_single_file_named(tmp_path):
     folder, _ = _make_cifar10(tmp_path)
     (folder / "data_batch_4").unlink()

@@ -1,10 +1,9 @@
 """DDP: two CPU processes (gloo) give identical masks on both ranks and the one-process result
 for the same global batch.
 
-The run uses gamma = inf (no implicit-gradient term): DDP averages each rank's score gradient, and
-the paper's IG term -(1/gamma)·m⊙g⊙g is quadratic in the per-rank gradient g, so with a finite
-gamma the average of per-rank squares differs from the square of the global gradient (a ~1e-4
-difference in the scores after a few steps here). Every other gradient is linear in the batch.
+The run uses the paper's gamma = 1: the implicit-gradient term -(1/gamma)·m⊙g⊙g is quadratic in
+the gradient, so BiP adds it after DDP's all-reduce (from the averaged weight gradient); adding it
+per rank would average per-rank squares instead of squaring the global gradient.
 """
 import os
 
@@ -43,7 +42,7 @@ def synthetic():
 
 def run_bip(out=None):
     cfg = RunConfig.from_flat(dict(
-        command="prune", out=out, arch="resnet20", method="bip", sparsity=0.8, gamma=float("inf"),
+        command="prune", out=out, arch="resnet20", method="bip", sparsity=0.8, gamma=1.0,
         pretrain_epochs=1, epochs=2, batch_size=GLOBAL_BATCH, device="cpu", progress=False, seed=5))
     tr = Trainer(cfg, dataset=synthetic(), model_fn=tiny_model)
     rep = tr.run()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,9 +147,14 @@ def _download(name: str, root: Path) -> None:
     old = socket.getdefaulttimeout()
     if old is None:
         socket.setdefaulttimeout(30.0)  # an offline machine must fail, not hang
+    created = not root.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
         download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+    except BaseException:
+        if created:  # a failed download leaves no empty data folder behind
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     finally:
         socket.setdefaulttimeout(old)
 

@@ -22,6 +22,12 @@ from .base import (
 
 __all__ = ["BiP", "init_scores"]
 
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
 SCHEDULES = ("alternating", "fused")
 VARIANTS = ("paper", "official")
 SCORE_INITS = ("magnitude", "hydra")
@@ -141,8 +147,13 @@ class BiP(Algorithm):
         if variant == "paper":
             init_scores(self.modules, score_init)
             ig = 0.0 if math.isinf(self.gamma) else 1.0 / self.gamma
+            # Under data parallelism the IG term must use the rank-averaged gradient: the
+            # square of the mean, not the mean of per-rank squares. Then the kernel computes
+            # only sgn(s)·θ⊙g (linear in g, so averaging is exact) and the term is added after
+            # the all-reduce from weight.grad = m⊙ḡ, since m⊙ḡ⊙ḡ = (m⊙ḡ)² for a binary mask.
+            self._ig_after_reduce = ig if _world_size() > 1 else 0.0
             for mod in self.modules:
-                mod.ig_scale = ig
+                mod.ig_scale = 0.0 if self._ig_after_reduce else ig
             self.param_groups = {
                 "weights": SGDGroup("weights", self._lower_params(), lr, momentum, weight_decay),
                 "scores": SGDGroup("scores", self._scores(), score_lr, momentum, score_weight_decay),
@@ -185,6 +196,7 @@ class BiP(Algorithm):
             out = self._step_official(lower, upper, f)
         elif self.schedule == "fused":
             out = self._forward_backward(lower)
+            self._add_ig_after_reduce()
             self.param_groups["weights"].step(self.param_groups["weights"].lr * f)
             hist = self.param_groups["scores"].step(self.param_groups["scores"].lr * f, want_hist=self._hist)
             self._project(self._scores(), hist)
@@ -192,6 +204,7 @@ class BiP(Algorithm):
             out = self._forward_backward(lower)
             self.param_groups["weights"].step(self.param_groups["weights"].lr * f)
             up = self._forward_backward(upper)
+            self._add_ig_after_reduce()
             hist = self.param_groups["scores"].step(self.param_groups["scores"].lr * f, want_hist=self._hist)
             self._project(self._scores(), hist)
             out["upper_loss"] = up["loss"]
@@ -200,6 +213,19 @@ class BiP(Algorithm):
         self.step_count += 1
         self.global_step += 1
         return out
+
+    @torch.no_grad()
+    def _add_ig_after_reduce(self) -> None:
+        """G_s −= ig·sgn(s)·(m⊙ḡ)² from the all-reduced weight gradient (data-parallel runs only)."""
+        ig = getattr(self, "_ig_after_reduce", 0.0)
+        if not ig:
+            return
+        for mod in self.modules:
+            if mod.scores.grad is None or mod.weight.grad is None:
+                continue
+            wg = mod.weight.grad.to(torch.float32)
+            sgn = torch.where(mod.scores < 0, -1.0, 1.0)
+            mod.scores.grad.sub_((ig * sgn * wg * wg).to(mod.scores.grad.dtype))
 
     def _zeros_like(self, params: List[torch.Tensor]) -> List[torch.Tensor]:
         """Zero 'gradients' as views of one shared zero tensor (the authors' zeroed .grad)."""
