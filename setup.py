@@ -53,6 +53,23 @@ def extra_include_dirs():
     return dirs
 
 
+def cudart_library_dirs(cuda_home):
+    """Directories holding libcudart.so for the linker (the toolkit may live apart from nvcc)."""
+    cands = []
+    if cuda_home:
+        cands += [os.path.join(cuda_home, d) for d in ("lib64", "lib", "targets/x86_64-linux/lib")]
+        cands += [os.path.join(cuda_home, "cuda", d) for d in ("lib64", "lib")]
+    cands += ["/usr/local/cuda/lib64", "/usr/local/cuda/lib"]
+    for inc in extra_include_dirs():
+        cands.append(os.path.join(os.path.dirname(inc), "lib"))
+    out = []
+    for d in cands:
+        d = os.path.realpath(d)
+        if os.path.exists(os.path.join(d, "libcudart.so")) and d not in out:
+            out.append(d)
+    return out
+
+
 def parse_cuda_archs(spec):
     """'9.0;8.0+PTX' -> nvcc -gencode flags. Raises ValueError naming BIP_FAST_CUDA_ARCHS."""
     flags = []
@@ -133,6 +150,7 @@ def get_extensions():
                 # py_module.cpp only provides the Python module init (PyInit__C_cuda).
                 sources=cuda_sources + ["csrc/cpu/py_module.cpp"],
                 include_dirs=include_dirs + extra_include_dirs(),
+                library_dirs=cudart_library_dirs(cpp_extension.CUDA_HOME),
                 extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
             )
         )
@@ -148,11 +166,26 @@ def get_extensions():
 
         def build_extensions(self):
             self._bip_failed = []
-            super().build_extensions()
+            self._bip_started = False
+            try:
+                super().build_extensions()
+            except Exception as e:
+                # Raised before any extension was built: torch's toolchain checks (e.g. nvcc
+                # major version != torch.version.cuda). Retry without the CUDA extension.
+                has_cuda = any(x.name == "bip_fast._C_cuda" for x in self.extensions)
+                if self._bip_started or not has_cuda:
+                    raise
+                msg = str(e).strip().splitlines()
+                log(f"_C_cuda: skipped (CUDA toolchain check failed: {type(e).__name__}: "
+                    f"{msg[0] if msg else ''})")
+                self._bip_failed.append("bip_fast._C_cuda")
+                self.extensions = [x for x in self.extensions if x.name != "bip_fast._C_cuda"]
+                super().build_extensions()
             if self._bip_failed:
                 self.extensions = [e for e in self.extensions if e.name not in self._bip_failed]
 
         def build_extension(self, ext):
+            self._bip_started = True
             short = ext.name.rsplit(".", 1)[-1]
             try:
                 super().build_extension(ext)

@@ -45,12 +45,11 @@ at::Tensor masked_weight_cpu(const at::Tensor& theta, const at::Tensor& mask) {
   BIP_FAST_DISPATCH_FLOATS(t.scalar_type(), "masked_weight_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
-    const bool* mp = m.const_data_ptr<bool>();
+    const uint8_t* mp = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
     scalar_t* op_ = out.data_ptr<scalar_t>();
     at::parallel_for(0, t.numel(), kGrain, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        op_[i] = static_cast<scalar_t>(static_cast<opmath_t>(tp[i]) *
-                                       static_cast<opmath_t>(mp[i] ? 1 : 0));
+        op_[i] = static_cast<scalar_t>(static_cast<opmath_t>(tp[i]) * static_cast<opmath_t>(mp[i]));
       }
     });
   });
@@ -89,12 +88,12 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_backward_cpu(
     using opmath_t = at::opmath_type<T>;
     const T* gp = g.const_data_ptr<T>();
     const T* tp = t.const_data_ptr<T>();
-    const bool* mp = m.const_data_ptr<bool>();
+    const uint8_t* mp = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
     if (need_theta) {
       T* dp = dtheta.data_ptr<T>();
       at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
-          dp[i] = static_cast<T>(static_cast<opmath_t>(gp[i]) * static_cast<opmath_t>(mp[i] ? 1 : 0));
+          dp[i] = static_cast<T>(static_cast<opmath_t>(gp[i]) * static_cast<opmath_t>(mp[i]));
         }
       });
     }
@@ -111,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_backward_cpu(
           for (int64_t i = b; i < e; ++i) {
             const acc_t gi = static_cast<acc_t>(gp[i]);
             const acc_t ti = static_cast<acc_t>(tp[i]);
-            const acc_t mi = mp[i] ? acc_t(1) : acc_t(0);
+            const acc_t mi = static_cast<acc_t>(mp[i]);
             const acc_t sg = static_cast<acc_t>(sp[i]) < acc_t(0) ? acc_t(-1) : acc_t(1);
             op_[i] = static_cast<S>(sg * (ti * gi - ig * mi * gi * gi));
           }
@@ -201,7 +200,7 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   int64_t* hout = want_hist ? hist1->data_ptr<int64_t>() : nullptr;
   std::mutex mu;
   constexpr int64_t kBlock = 2048;
-  parallel_chunks(static_cast<int64_t>(chunks.size()), total, [&](int64_t cb, int64_t ce) {
+  parallel_chunks(chunks, total, total, [&](int64_t cb, int64_t ce) {
     std::vector<uint32_t> h(want_hist ? radix::kRadixBins : 0, 0);
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[c];

@@ -6,18 +6,21 @@
 //           largest key (skipped by topk_masks_hist, which is handed the D1 histogram);
 //   pass 2  full read -> D2 histogram of the keys with D1 == b1, and those keys are gathered
 //           per chunk (typically ~N/1000 of them);
-//   pass 3  over the gathered keys only -> per-chunk D3 histograms; T is now exact, and the
-//           per-chunk counts of keys == T give, by a prefix sum over chunks, how many of the
-//           tied keys each chunk may keep (ties go to the earlier tensor / lower flat index);
+//   pass 3  over the gathered keys only (or a 3rd read of the scores when bucket b1 holds
+//           over 1/4 of all keys, e.g. heavy ties) -> per-chunk D3 histograms; T is now
+//           exact, and the per-chunk counts of keys == T give, by a prefix sum over chunks,
+//           how many of the tied keys each chunk may keep (ties go to the earlier tensor,
+//           then the lower flat index);
 //   mask    full read + 1 byte/element write: key > T, or key == T within the chunk's quota.
-// Traffic: 3 reads of the scores (4 B/elem for fp32) + 1 B/elem of mask writes. Parallel over
-// fixed chunks (at::parallel_for); thread-local histograms are merged under a mutex, so the
-// result never depends on the thread count. Scores are read through .contiguous() views, so
+// Traffic: 3 reads of the scores (4 B/elem for fp32) + 1 B/elem of mask writes (4 reads in
+// the heavy-tie case). Parallel over fixed chunks balanced by element count
+// (at::parallel_for); thread-local histograms are merged under a mutex and tie quotas are
+// per chunk, so the result never depends on the thread count. Scores are read through .contiguous() views, so
 // flat index = logical row-major index (channels_last inputs are reordered by the copy).
 #include <torch/library.h>
 
-#include <array>
 #include <mutex>
+#include <string>
 
 #include "cpu_utils.h"
 
@@ -36,8 +39,9 @@ struct Prepared {
 Prepared prepare(at::TensorList scores, const char* op) {
   Prepared p;
   p.contig.reserve(scores.size());
+  const std::string what = std::string(op) + ": scores";
   for (const auto i : c10::irange(scores.size())) {
-    check_float_cpu(scores[i], op, static_cast<int64_t>(i));
+    check_float_cpu(scores[i], what.c_str(), static_cast<int64_t>(i));
     p.contig.push_back(scores[i].contiguous());
     p.numels.push_back(scores[i].numel());
     p.total += scores[i].numel();
@@ -51,24 +55,33 @@ inline void with_data(const at::Tensor& t, const F& f) {
   BIP_FAST_DISPATCH_FLOATS(t.scalar_type(), "bip_fast_cpu", [&] { f(t.const_data_ptr<scalar_t>()); });
 }
 
-using LocalHist = std::array<uint32_t, kRadixBins>;
-
 // Histogram of ((key >> shift) & mask) over [b, e) for keys passing the prefix filter.
-// Two interleaved sub-histograms halve store-to-load stalls on repeated bins.
+// Four interleaved sub-histograms (h + j * kRadixBins) cut store-to-load stalls when
+// neighbouring elements hit the same bin (trained weights crowd a few D1 bins).
+constexpr int kSubHists = 4;
+
 template <typename T>
 void hist_range(const T* x, int64_t b, int64_t e, int shift, uint32_t mask, bool use_prefix,
-                uint32_t prefix, int prefix_shift, uint32_t* h0, uint32_t* h1) {
+                uint32_t prefix, int prefix_shift, uint32_t* h) {
   int64_t i = b;
   if (!use_prefix) {
-    for (; i + 1 < e; i += 2) {
-      h0[(key_at(x, i) >> shift) & mask]++;
-      h1[(key_at(x, i + 1) >> shift) & mask]++;
+    uint32_t* h0 = h;
+    uint32_t* h1 = h + kRadixBins;
+    uint32_t* h2 = h + 2 * kRadixBins;
+    uint32_t* h3 = h + 3 * kRadixBins;
+    for (; i + 3 < e; i += 4) {
+      const uint32_t k0 = key_at(x, i), k1 = key_at(x, i + 1);
+      const uint32_t k2 = key_at(x, i + 2), k3 = key_at(x, i + 3);
+      h0[(k0 >> shift) & mask]++;
+      h1[(k1 >> shift) & mask]++;
+      h2[(k2 >> shift) & mask]++;
+      h3[(k3 >> shift) & mask]++;
     }
     for (; i < e; ++i) h0[(key_at(x, i) >> shift) & mask]++;
   } else {
     for (; i < e; ++i) {
       const uint32_t k = key_at(x, i);
-      if ((k >> prefix_shift) == prefix) h0[(k >> shift) & mask]++;
+      if ((k >> prefix_shift) == prefix) h[(k >> shift) & mask]++;
     }
   }
 }
@@ -78,18 +91,19 @@ void global_hist(const Prepared& p, const std::vector<Chunk>& chunks, int shift,
                  bool use_prefix, uint32_t prefix, int prefix_shift, int64_t* out) {
   std::mutex mu;
   const uint32_t mask = (1u << bits) - 1u;
-  parallel_chunks(static_cast<int64_t>(chunks.size()), p.total, [&](int64_t cb, int64_t ce) {
-    std::vector<uint32_t> h(2 * kRadixBins, 0);
+  parallel_chunks(chunks, p.total, p.total, [&](int64_t cb, int64_t ce) {
+    std::vector<uint32_t> h(kSubHists * kRadixBins, 0);
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[c];
       with_data(p.contig[ch.tensor], [&](auto* x) {
-        hist_range(x, ch.begin, ch.end, shift, mask, use_prefix, prefix, prefix_shift, h.data(),
-                   h.data() + kRadixBins);
+        hist_range(x, ch.begin, ch.end, shift, mask, use_prefix, prefix, prefix_shift, h.data());
       });
     }
     std::lock_guard<std::mutex> lock(mu);
     for (int i = 0; i < kRadixBins; ++i) {
-      out[i] += static_cast<int64_t>(h[i]) + static_cast<int64_t>(h[kRadixBins + i]);
+      int64_t sum = 0;
+      for (int j = 0; j < kSubHists; ++j) sum += h[j * kRadixBins + i];
+      out[i] += sum;
     }
   });
 }
@@ -99,10 +113,13 @@ void global_hist(const Prepared& p, const std::vector<Chunk>& chunks, int shift,
 template <typename T>
 void write_mask(const T* x, bool* out, int64_t b, int64_t e, uint32_t thr, int64_t allowed,
                 int64_t eq_count) {
+  // Keys are < 2^31, so a signed compare equals the unsigned one and vectorises on SSE2.
+  const int32_t sthr = static_cast<int32_t>(thr);
+  uint8_t* o = reinterpret_cast<uint8_t*>(out);
   if (allowed == 0) {
-    for (int64_t i = b; i < e; ++i) out[i] = key_at(x, i) > thr;
+    for (int64_t i = b; i < e; ++i) o[i] = static_cast<int32_t>(key_at(x, i)) > sthr;
   } else if (allowed == eq_count) {
-    for (int64_t i = b; i < e; ++i) out[i] = key_at(x, i) >= thr;
+    for (int64_t i = b; i < e; ++i) o[i] = static_cast<int32_t>(key_at(x, i)) >= sthr;
   } else {
     int64_t left = allowed;
     for (int64_t i = b; i < e; ++i) {
@@ -167,23 +184,32 @@ std::vector<at::Tensor> topk_impl(at::TensorList scores, int64_t keep, const at:
   TORCH_CHECK(b1 >= 0, op, ": internal error (D1 histogram too small)");
   const int64_t want2 = keep - above;
 
-  // Pass 2: D2 histogram of bucket b1 + gather of its keys per chunk.
-  std::vector<std::vector<uint32_t>> cand(nchunks);
+  // Pass 2: D2 histogram of bucket b1; its keys are gathered per chunk unless the bucket
+  // holds a large share of all keys (heavy ties), in which case pass 3 re-reads the scores.
+  const bool gather = h1[b1] <= std::max<int64_t>(p.total / 4, kSerialNumel);
+  std::vector<std::vector<uint32_t>> cand(gather ? nchunks : 0);
   std::vector<int64_t> h2(kRadixBins, 0);
   {
     std::mutex mu;
     const uint32_t ub1 = static_cast<uint32_t>(b1);
-    parallel_chunks(nchunks, p.total, [&](int64_t cb, int64_t ce) {
+    parallel_chunks(chunks, p.total, p.total, [&](int64_t cb, int64_t ce) {
       std::vector<uint32_t> h(kRadixBins, 0);
       for (int64_t c = cb; c < ce; ++c) {
         const Chunk& ch = chunks[c];
-        auto& v = cand[c];
         with_data(p.contig[ch.tensor], [&](auto* x) {
-          for (int64_t i = ch.begin; i < ch.end; ++i) {
-            const uint32_t k = key_at(x, i);
-            if (radix::digit1(k) == ub1) {
-              h[radix::digit2(k)]++;
-              v.push_back(k);
+          if (gather) {
+            auto& v = cand[c];
+            for (int64_t i = ch.begin; i < ch.end; ++i) {
+              const uint32_t k = key_at(x, i);
+              if (radix::digit1(k) == ub1) {
+                h[radix::digit2(k)]++;
+                v.push_back(k);
+              }
+            }
+          } else {
+            for (int64_t i = ch.begin; i < ch.end; ++i) {
+              const uint32_t k = key_at(x, i);
+              if (radix::digit1(k) == ub1) h[radix::digit2(k)]++;
             }
           }
         });
@@ -198,15 +224,29 @@ std::vector<at::Tensor> topk_impl(at::TensorList scores, int64_t keep, const at:
   const int64_t want3 = want2 - above2;
   const uint32_t prefix23 = (static_cast<uint32_t>(b1) << radix::kD2Bits) | static_cast<uint32_t>(b2);
 
-  // Pass 3 (gathered keys only): per-chunk D3 histograms.
+  // Pass 3: per-chunk D3 histograms of the keys with (key >> 7) == prefix23, from the
+  // gathered keys or from the scores.
   std::vector<int64_t> h3c(nchunks * radix::kD3Bins, 0);
-  int64_t ncand = 0;
-  for (const auto& v : cand) ncand += static_cast<int64_t>(v.size());
-  parallel_chunks(nchunks, ncand, [&](int64_t cb, int64_t ce) {
+  int64_t work = p.total;
+  if (gather) {
+    work = 0;
+    for (const auto& v : cand) work += static_cast<int64_t>(v.size());
+  }
+  parallel_chunks(chunks, p.total, work, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       int64_t* h = h3c.data() + c * radix::kD3Bins;
-      for (const uint32_t k : cand[c]) {
-        if ((k >> radix::kD2Shift) == prefix23) h[radix::digit3(k)]++;
+      if (gather) {
+        for (const uint32_t k : cand[c]) {
+          if ((k >> radix::kD2Shift) == prefix23) h[radix::digit3(k)]++;
+        }
+      } else {
+        const Chunk& ch = chunks[c];
+        with_data(p.contig[ch.tensor], [&](auto* x) {
+          for (int64_t i = ch.begin; i < ch.end; ++i) {
+            const uint32_t k = key_at(x, i);
+            if ((k >> radix::kD2Shift) == prefix23) h[radix::digit3(k)]++;
+          }
+        });
       }
     }
   });
@@ -231,7 +271,7 @@ std::vector<at::Tensor> topk_impl(at::TensorList scores, int64_t keep, const at:
   }
 
   // Mask pass.
-  parallel_chunks(nchunks, p.total, [&](int64_t cb, int64_t ce) {
+  parallel_chunks(chunks, p.total, p.total, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[c];
       bool* out = masks[ch.tensor].data_ptr<bool>();

@@ -15,10 +15,10 @@ namespace {
 
 int g_failures = 0;
 
-#define CHECK(cond)                                                         \
+#define EXPECT(cond)                                                         \
   do {                                                                      \
     if (!(cond)) {                                                          \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, "%s:%d: EXPECT failed: %s\n", __FILE__, __LINE__, #cond); \
       ++g_failures;                                                         \
     }                                                                       \
   } while (0)
@@ -26,23 +26,23 @@ int g_failures = 0;
 using bip_fast::radix::key_of;
 
 void test_radix_key() {
-  CHECK(key_of(0.0f) == 0u);
-  CHECK(key_of(-0.0f) == 0u);
-  CHECK(key_of(1.0f) == 0x3f800000u);
-  CHECK(key_of(-1.0f) == 0x3f800000u);
-  CHECK(key_of(2.0f) > key_of(1.5f));
-  CHECK(key_of(-3.0f) > key_of(2.5f));
-  CHECK(key_of(INFINITY) == 0x7f800000u);
-  CHECK(key_of(NAN) >= 0x7f800000u);
+  EXPECT(key_of(0.0f) == 0u);
+  EXPECT(key_of(-0.0f) == 0u);
+  EXPECT(key_of(1.0f) == 0x3f800000u);
+  EXPECT(key_of(-1.0f) == 0x3f800000u);
+  EXPECT(key_of(2.0f) > key_of(1.5f));
+  EXPECT(key_of(-3.0f) > key_of(2.5f));
+  EXPECT(key_of(INFINITY) == 0x7f800000u);
+  EXPECT(key_of(NAN) >= 0x7f800000u);
   const uint32_t k = 0x12345678u;
-  CHECK(((bip_fast::radix::digit1(k) << 19) | (bip_fast::radix::digit2(k) << 7) |
+  EXPECT(((bip_fast::radix::digit1(k) << 19) | (bip_fast::radix::digit2(k) << 7) |
          bip_fast::radix::digit3(k)) == k);
   int64_t hist[4] = {1, 0, 2, 3};  // bins 0..3, take from the top
   int64_t above = -1;
-  CHECK(bip_fast::radix::select_bin(hist, 4, 3, &above) == 3 && above == 0);
-  CHECK(bip_fast::radix::select_bin(hist, 4, 4, &above) == 2 && above == 3);
-  CHECK(bip_fast::radix::select_bin(hist, 4, 6, &above) == 0 && above == 5);
-  CHECK(bip_fast::radix::select_bin(hist, 4, 7, &above) == -1);
+  EXPECT(bip_fast::radix::select_bin(hist, 4, 3, &above) == 3 && above == 0);
+  EXPECT(bip_fast::radix::select_bin(hist, 4, 4, &above) == 2 && above == 3);
+  EXPECT(bip_fast::radix::select_bin(hist, 4, 6, &above) == 0 && above == 5);
+  EXPECT(bip_fast::radix::select_bin(hist, 4, 7, &above) == -1);
 }
 
 // Brute force: stable order by descending |x| (float32), ties by global position.
@@ -87,21 +87,21 @@ void test_topk_masks() {
   int64_t n = 0;
   for (const auto& x : xs) n += x.numel();
   at::Tensor h1 = hist.call(xs, 19, 12, 0, 31);
-  CHECK(h1.sum().item<int64_t>() == n);
+  EXPECT(h1.sum().item<int64_t>() == n);
   for (int64_t keep : {int64_t(0), int64_t(1), int64_t(17), int64_t(1000), n / 2, n - 1, n}) {
     auto got = op.call(xs, keep);
     auto got_h = op_hist.call(xs, keep, h1);
     auto want = topk_ref(xs, keep);
-    CHECK(got.size() == xs.size());
+    EXPECT(got.size() == xs.size());
     int64_t total = 0;
     for (size_t i = 0; i < xs.size(); ++i) {
-      CHECK(got[i].sizes() == xs[i].sizes());
-      CHECK(got[i].is_contiguous());
-      CHECK(at::equal(got[i], want[i]));
-      CHECK(at::equal(got_h[i], want[i]));
+      EXPECT(got[i].sizes() == xs[i].sizes());
+      EXPECT(got[i].is_contiguous());
+      EXPECT(at::equal(got[i], want[i]));
+      EXPECT(at::equal(got_h[i], want[i]));
       total += got[i].sum().item<int64_t>();
     }
-    CHECK(total == keep);
+    EXPECT(total == keep);
   }
 }
 
@@ -111,7 +111,7 @@ void test_elementwise() {
                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
   at::Tensor theta = at::randn({40, 9});
   at::Tensor mask = at::rand({40, 9}) > 0.5;
-  CHECK(at::equal(mw.call(theta, mask), theta * mask));
+  EXPECT(at::equal(mw.call(theta, mask), theta * mask));
 
   auto sgd = c10::Dispatcher::singleton()
                  .findSchemaOrThrow("bip_fast::fused_sgd_", "")
@@ -124,9 +124,9 @@ void test_elementwise() {
   at::Tensor h = at::zeros({4096}, at::kLong);
   std::vector<at::Tensor> ps{p}, gs{g}, bs{b};
   sgd.call(ps, gs, bs, 0.1, 0.9, 1e-4, h);
-  CHECK(at::allclose(b, b_want, 1e-6, 1e-6));
-  CHECK(at::allclose(p, p_want, 1e-6, 1e-6));
-  CHECK(h.sum().item<int64_t>() == 1000);
+  EXPECT(at::allclose(b, b_want, 1e-6, 1e-6));
+  EXPECT(at::allclose(p, p_want, 1e-6, 1e-6));
+  EXPECT(h.sum().item<int64_t>() == 1000);
 }
 
 }  // namespace
