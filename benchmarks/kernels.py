@@ -383,9 +383,13 @@ def _module_configs(gpu: bool, quick: bool):
         return [("linear", "Linear 512->512 x[128,512]", (512, 512), (128, 512)),
                 ("linear", "Linear 512->512 x[8192,512]", (512, 512), (8192, 512)),
                 ("linear", "Linear 1024->1024 x[8192,1024]", (1024, 1024), (8192, 1024)),
+                ("conv", "Conv 64->64 3x3 x[128,64,32,32]", (64, 64), (128, 64, 32, 32)),
                 ("conv", "Conv 128->128 3x3 x[128,128,16,16]", (128, 128), (128, 128, 16, 16))]
+    # The last two are ResNet-20 layers (stages 1 and 3) at the training batch of 128.
     return [("linear", "Linear 512->512 x[128,512]", (512, 512), (128, 512)),
-            ("conv", "Conv 64->64 3x3 x[16,64,16,16]", (64, 64), (16, 64, 16, 16))]
+            ("conv", "Conv 64->64 3x3 x[16,64,16,16]", (64, 64), (16, 64, 16, 16)),
+            ("conv", "Conv 16->16 3x3 x[128,16,32,32]", (16, 16), (128, 16, 32, 32)),
+            ("conv", "Conv 64->64 3x3 x[128,64,8,8]", (64, 64), (128, 64, 8, 8))]
 
 
 def bench_modules(r: Runner, backends: List[str], quick: bool) -> None:
