@@ -210,7 +210,10 @@ def _check_weight_args(theta, mask, scores=None):
 def masked_weight_forward(theta: torch.Tensor, mask: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """z = m ⊙ θ without autograd (validated)."""
     _check_weight_args(theta, mask)
-    name = resolve_backend("masked_weight", theta.device, backend, dtype=theta.dtype)
+    return _masked_weight_impl(resolve_backend("masked_weight", theta.device, backend, dtype=theta.dtype), theta, mask)
+
+
+def _masked_weight_impl(name: str, theta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if name == "reference":
         return _ref.masked_weight_ref(theta, mask)
     (t, m), back = _dense_views(theta, mask)
@@ -234,15 +237,23 @@ def masked_weight_backward(
     _check_weight_args(theta, mask, scores)
     _check_tensor(grad, "grad")
     _check_like(grad, theta, "grad", "weight")
-    if not isinstance(ig_scale, (int, float)) or not math.isfinite(ig_scale):
-        raise ValueError(f"ig_scale: expected a finite float, got {ig_scale!r}")
+    _check_ig_scale(ig_scale)
     dtype = _common_dtype([grad, theta, scores])
     name = resolve_backend("masked_weight_backward", theta.device, backend, dtype=dtype)
+    return _masked_weight_backward_impl(name, grad, theta, mask, scores, float(ig_scale), need_theta, need_scores)
+
+
+def _check_ig_scale(ig_scale) -> None:
+    if isinstance(ig_scale, bool) or not isinstance(ig_scale, (int, float)) or not math.isfinite(ig_scale):
+        raise ValueError(f"ig_scale: expected a finite float, got {ig_scale!r}")
+
+
+def _masked_weight_backward_impl(name, grad, theta, mask, scores, ig_scale, need_theta, need_scores):
     if name == "reference":
-        return _ref.masked_weight_backward_ref(grad, theta, mask, scores, float(ig_scale), need_theta, need_scores)
+        return _ref.masked_weight_backward_ref(grad, theta, mask, scores, ig_scale, need_theta, need_scores)
     (g, t, m, s), back = _dense_views(grad, theta, mask, scores)
     fn = _triton().masked_weight_backward_triton if name == "triton" else _cpp().masked_weight_backward
-    dt, ds = fn(g, t, m, s, float(ig_scale), bool(need_theta), bool(need_scores))
+    dt, ds = fn(g, t, m, s, ig_scale, bool(need_theta), bool(need_scores))
     return (back(dt) if need_theta else dt), (back(ds) if need_scores else ds)
 
 
@@ -258,7 +269,10 @@ def masked_weight(
     from .autograd import MaskedWeightFn
 
     _check_weight_args(weight, mask, scores)
-    return MaskedWeightFn.apply(weight, scores, mask, float(ig_scale), backend)
+    _check_ig_scale(ig_scale)
+    dtype = _common_dtype([weight, scores])
+    name = resolve_backend("masked_weight", weight.device, backend, dtype=dtype)
+    return MaskedWeightFn.apply(weight, scores, mask, float(ig_scale), name)
 
 
 def masked_linear(

@@ -2,35 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
 class MaskedWeightFn(torch.autograd.Function):
     """z = m ⊙ θ with the straight-through backward of SPEC §3.
 
-    Inputs: weight θ, scores s, bool mask m, ig_scale (1/γ), backend name or None.
-    backward(g) -> (m ⊙ g, sign(s) ⊙ (θ ⊙ g − ig_scale · m ⊙ g ⊙ g), None, None, None), both
-    computed by one fused kernel; an output whose input needs no gradient is not computed.
+    Inputs: weight θ, scores s, bool mask m, ig_scale (1/γ) and a *resolved* backend name (the
+    public :func:`bip_fast.ops.masked_weight` validates and resolves once per call, so the hot
+    path here does no further checking). backward(g) -> (m ⊙ g, sign(s) ⊙ (θ ⊙ g − ig_scale ·
+    m ⊙ g ⊙ g)) from one fused kernel; an output whose input needs no gradient is not computed.
     """
 
     @staticmethod
-    def forward(weight, scores, mask, ig_scale: float, backend: Optional[str]):
-        from . import masked_weight_forward
+    def forward(ctx, weight, scores, mask, ig_scale: float, backend: str):
+        from . import _masked_weight_impl
 
-        return masked_weight_forward(weight, mask, backend=backend)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        weight, scores, mask, ig_scale, backend = inputs
         ctx.save_for_backward(weight, scores, mask)
         ctx.ig_scale = ig_scale
         ctx.backend = backend
+        return _masked_weight_impl(backend, weight, mask)
 
     @staticmethod
     def backward(ctx, grad):
-        from . import masked_weight_backward
+        from . import _masked_weight_backward_impl
 
         weight, scores, mask = ctx.saved_tensors
         need_theta, need_scores = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -38,7 +33,7 @@ class MaskedWeightFn(torch.autograd.Function):
             return None, None, None, None, None
         if grad.dtype != weight.dtype:
             grad = grad.to(weight.dtype)
-        dtheta, dscores = masked_weight_backward(
-            grad, weight, mask, scores, ctx.ig_scale, need_theta, need_scores, backend=ctx.backend
+        dtheta, dscores = _masked_weight_backward_impl(
+            ctx.backend, grad, weight, mask, scores, ctx.ig_scale, need_theta, need_scores
         )
         return (dtheta if need_theta else None), (dscores if need_scores else None), None, None, None
