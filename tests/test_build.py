@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import bip_fast
 from bip_fast import _ext
 
 OPS = ["radix_histogram", "topk_masks", "topk_masks_hist", "masked_weight",
@@ -148,3 +149,16 @@ def test_load_never_raises_when_extension_unimportable():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+def test_cuda_extension_built_when_required():
+    """scripts/test.sh sets BIP_FAST_REQUIRE_CUDA_BUILD=1 where nvcc and a CUDA torch exist: there
+    the CUDA kernels must have compiled and must import, even without a GPU."""
+    if os.environ.get("BIP_FAST_REQUIRE_CUDA_BUILD") != "1":
+        pytest.skip("BIP_FAST_REQUIRE_CUDA_BUILD is not set (no nvcc or no CUDA build of torch)")
+    info = bip_fast.build_info()
+    assert info["cuda_compiled"], info["reasons"]
+    assert info["cuda_loadable"], info["reasons"]
+    for op in ("topk_masks", "topk_masks_hist", "radix_histogram", "masked_weight",
+               "masked_weight_backward", "fused_sgd_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bip_fast::{op}", "CUDA"), op
