@@ -108,7 +108,8 @@ def get_extensions():
 
     csrc = os.path.join(ROOT, "csrc")
     include_dirs = [csrc]
-    cxx_flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
+    # -ffp-contract=off: no fused multiply-adds, so kernels round like PyTorch's op-by-op math.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-unknown-pragmas"]
     exts = [
         cpp_extension.CppExtension(
             "bip_fast._C",

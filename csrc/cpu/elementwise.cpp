@@ -121,10 +121,37 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_backward_cpu(
   return {dtheta, gscores};
 }
 
+// float32 SGD block compiled for several ISAs, picked at load time (GCC ifunc): the extension
+// is built without -march, so this is what gets AVX2/AVX-512 where the CPU has them. The build
+// uses -ffp-contract=off, so no clone fuses a multiply-add: every clone rounds exactly like
+// the op-by-op PyTorch expression.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define BIP_FAST_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define BIP_FAST_MULTIVERSION
+#endif
+
+BIP_FAST_MULTIVERSION
+void sgd_block_f32(float* __restrict p, const float* __restrict g, float* __restrict buf,
+                   int64_t n, float lr, float mom, float wd) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float pi = p[i];
+    const float d = g[i] + wd * pi;
+    const float bi = mom * buf[i] + d;
+    buf[i] = bi;
+    p[i] = pi - lr * bi;
+  }
+}
+
 // One block of the SGD update (PyTorch semantics, dampening 0), p and buf in place.
 template <typename T>
 inline void sgd_block(T* __restrict p, const T* __restrict g, T* __restrict buf, int64_t n,
                       double lr, double mom, double wd) {
+  if constexpr (std::is_same_v<T, float>) {
+    sgd_block_f32(p, g, buf, n, static_cast<float>(lr), static_cast<float>(mom),
+                  static_cast<float>(wd));
+    return;
+  }
   using acc_t = at::opmath_type<T>;
   const acc_t alr = static_cast<acc_t>(lr), amom = static_cast<acc_t>(mom),
               awd = static_cast<acc_t>(wd);
