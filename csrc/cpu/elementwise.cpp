@@ -22,6 +22,45 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
+// The float32 hot loops below are compiled for several ISAs and picked at load time (GCC
+// ifunc): the extension is built without -march, so this is what gets AVX2/AVX-512 where the CPU
+// has them. The build uses -ffp-contract=off, so no clone fuses a multiply-add: every clone
+// rounds exactly like the op-by-op PyTorch expression (same operation order as the reference).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define BIP_FAST_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define BIP_FAST_MULTIVERSION
+#endif
+
+// One pass of the straight-through backward for float32 (both outputs, or one of them):
+//   dtheta = m * g ;  gscores = sgn(s) * (theta * g - ig * m * g * g)
+BIP_FAST_MULTIVERSION
+void mwb_both_f32(const float* __restrict g, const float* __restrict t, const uint8_t* __restrict m,
+                  const float* __restrict s, float* __restrict dt, float* __restrict ds, int64_t n,
+                  float ig) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i], mi = static_cast<float>(m[i]);
+    const float sg = s[i] < 0.0f ? -1.0f : 1.0f;
+    dt[i] = gi * mi;
+    ds[i] = sg * (t[i] * gi - ig * mi * gi * gi);
+  }
+}
+
+BIP_FAST_MULTIVERSION
+void mwb_scores_f32(const float* __restrict g, const float* __restrict t, const uint8_t* __restrict m,
+                    const float* __restrict s, float* __restrict ds, int64_t n, float ig) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i], mi = static_cast<float>(m[i]);
+    const float sg = s[i] < 0.0f ? -1.0f : 1.0f;
+    ds[i] = sg * (t[i] * gi - ig * mi * gi * gi);
+  }
+}
+
+BIP_FAST_MULTIVERSION
+void mw_mul_f32(const float* __restrict a, const uint8_t* __restrict m, float* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] * static_cast<float>(m[i]);
+}
+
 void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* op, const char* an,
                       const char* bn) {
   TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", bn, " must have the shape of ", an, " ",
@@ -47,6 +86,13 @@ at::Tensor masked_weight_cpu(const at::Tensor& theta, const at::Tensor& mask) {
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
     const uint8_t* mp = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
     scalar_t* op_ = out.data_ptr<scalar_t>();
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      at::parallel_for(0, t.numel(), kGrain, [&](int64_t b, int64_t e) {
+        // (reinterpret_cast: this branch only runs for float; it must still compile for others)
+        mw_mul_f32(reinterpret_cast<const float*>(tp) + b, mp + b, reinterpret_cast<float*>(op_) + b, e - b);
+      });
+      return;
+    }
     at::parallel_for(0, t.numel(), kGrain, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         op_[i] = static_cast<scalar_t>(static_cast<opmath_t>(tp[i]) * static_cast<opmath_t>(mp[i]));
@@ -89,6 +135,27 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_backward_cpu(
     const T* gp = g.const_data_ptr<T>();
     const T* tp = t.const_data_ptr<T>();
     const uint8_t* mp = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
+    if constexpr (std::is_same_v<T, float>) {
+      // float32 weights and scores: one fused pass over g (the common case).
+      if (s.scalar_type() == at::kFloat) {
+        const float* sp = need_scores ? s.const_data_ptr<float>() : nullptr;
+        float* dp = need_theta ? reinterpret_cast<float*>(dtheta.data_ptr<T>()) : nullptr;
+        float* op_ = need_scores ? gscores.data_ptr<float>() : nullptr;
+        const float ig = static_cast<float>(ig_scale);
+        const float* gf = reinterpret_cast<const float*>(gp);
+        const float* tf = reinterpret_cast<const float*>(tp);
+        at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+          if (need_theta && need_scores) {
+            mwb_both_f32(gf + b, tf + b, mp + b, sp + b, dp + b, op_ + b, e - b, ig);
+          } else if (need_scores) {
+            mwb_scores_f32(gf + b, tf + b, mp + b, sp + b, op_ + b, e - b, ig);
+          } else {
+            mw_mul_f32(gf + b, mp + b, dp + b, e - b);
+          }
+        });
+        return;
+      }
+    }
     if (need_theta) {
       T* dp = dtheta.data_ptr<T>();
       at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
@@ -121,15 +188,6 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_backward_cpu(
   return {dtheta, gscores};
 }
 
-// float32 SGD block compiled for several ISAs, picked at load time (GCC ifunc): the extension
-// is built without -march, so this is what gets AVX2/AVX-512 where the CPU has them. The build
-// uses -ffp-contract=off, so no clone fuses a multiply-add: every clone rounds exactly like
-// the op-by-op PyTorch expression.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define BIP_FAST_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define BIP_FAST_MULTIVERSION
-#endif
 
 BIP_FAST_MULTIVERSION
 void sgd_block_f32(float* __restrict p, const float* __restrict g, float* __restrict buf,
