@@ -19,29 +19,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 # ----------------------------------------------------------------------------- plain torch
-def keys_of(xs):
-    """uint32 radix keys (as int64) of every score, logical row-major order, tensors in order."""
-    return torch.cat([x.detach().float().abs().contiguous().view(torch.int32).flatten().long()
-                      for x in xs]) if xs else torch.zeros(0, dtype=torch.long)
-
-
-def topk_plain(xs, keep):
-    keys = keys_of(xs)
-    order = torch.sort(-keys, stable=True).indices  # ties: earlier flat position first
-    flat = torch.zeros(keys.numel(), dtype=torch.bool)
-    flat[order[:keep]] = True
-    out, off = [], 0
-    for x in xs:
-        out.append(flat[off:off + x.numel()].view(x.shape))
-        off += x.numel()
-    return out
-
-
-def hist_plain(xs, shift, bits, prefix, prefix_shift):
-    keys = keys_of(xs)
-    if prefix_shift < 31:
-        keys = keys[(keys >> prefix_shift) == prefix]
-    return torch.bincount((keys >> shift) & ((1 << bits) - 1), minlength=4096)
+from plain_ref import hist_plain, keys_of, topk_plain  # noqa: E402
 
 
 def assert_masks_equal(got, want, xs):

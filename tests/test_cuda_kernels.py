@@ -27,31 +27,7 @@ def cuda_ops():
 
 
 # ----------------------------------------------------------------------------- plain torch
-def keys_of(xs):
-    """Radix keys (int64) of every score on the CPU, logical row-major order, tensors in order."""
-    if not xs:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.cat([x.detach().cpu().float().abs().contiguous().view(torch.int32).flatten().long()
-                      for x in xs])
-
-
-def topk_plain(xs, keep):
-    keys = keys_of(xs)
-    order = torch.sort(-keys, stable=True).indices  # ties: earlier flat position first
-    flat = torch.zeros(keys.numel(), dtype=torch.bool)
-    flat[order[:keep]] = True
-    out, off = [], 0
-    for x in xs:
-        out.append(flat[off:off + x.numel()].view(x.shape))
-        off += x.numel()
-    return out
-
-
-def hist_plain(xs, shift, bits, prefix, prefix_shift):
-    keys = keys_of(xs)
-    if prefix_shift < 31:
-        keys = keys[(keys >> prefix_shift) == prefix]
-    return torch.bincount((keys >> shift) & ((1 << bits) - 1), minlength=4096)
+from plain_ref import hist_plain, keys_of, topk_plain  # noqa: E402
 
 
 def assert_masks_equal(got, want, xs):

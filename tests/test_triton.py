@@ -35,28 +35,7 @@ def _registered():
 # ------------------------------------------------------------------------------------------
 # plain-torch references (written here so that the test does not depend on other backends)
 # ------------------------------------------------------------------------------------------
-def keys_of(s):
-    """uint32 radix key of |s| as int64, flattened in logical row-major order."""
-    return (s.detach().float().reshape(-1).view(torch.int32) & 0x7FFFFFFF).to(torch.int64)
-
-
-def topk_plain(scores, keep):
-    keys = torch.cat([keys_of(s).cpu() for s in scores])
-    order = torch.sort(-keys, stable=True).indices  # largest first, ties -> lower global index
-    flat = torch.zeros(keys.numel(), dtype=torch.bool)
-    flat[order[:keep]] = True
-    out, o = [], 0
-    for s in scores:
-        out.append(flat[o:o + s.numel()].view(s.shape))
-        o += s.numel()
-    return out
-
-
-def hist_plain(scores, shift, bits, prefix, prefix_shift):
-    keys = torch.cat([keys_of(s).cpu() for s in scores])
-    if prefix_shift < 31:
-        keys = keys[(keys >> prefix_shift) == prefix]
-    return torch.bincount((keys >> shift) & ((1 << bits) - 1), minlength=4096)
+from plain_ref import hist_plain, keys_of, topk_plain  # noqa: E402
 
 
 def assert_masks_equal(got, want):
@@ -127,7 +106,7 @@ def test_import_without_triton_reports_reason():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_radix_histogram_passes(dtype):
     scores = make_scores("randn", dtype, SHAPES, seed=1)
-    keys = torch.cat([keys_of(s).cpu() for s in scores])
+    keys = keys_of(scores)
     top = int(keys.max())
     cases = [
         (19, 12, 0, 31),                 # D1, all elements

@@ -1,0 +1,37 @@
+"""Plain-PyTorch expectations shared by the kernel test files.
+
+Written independently of bip_fast.ops.reference (a stable sort of the concatenated radix keys),
+so the kernel tests do not rest on the code under test.
+"""
+
+import torch
+
+
+def keys_of(xs):
+    """uint32 radix keys of |x| (as int64, on the CPU) of every score: logical row-major order,
+    tensors in order."""
+    if not xs:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([(x.detach().cpu().float().contiguous().view(torch.int32).flatten().long() & 0x7FFFFFFF)
+                      for x in xs])
+
+
+def topk_plain(xs, keep):
+    """Bool masks of the `keep` largest |x| over all tensors; ties to the earlier flat position."""
+    keys = keys_of(xs)
+    order = torch.sort(-keys, stable=True).indices
+    flat = torch.zeros(keys.numel(), dtype=torch.bool)
+    flat[order[:keep]] = True
+    out, off = [], 0
+    for x in xs:
+        out.append(flat[off:off + x.numel()].view(x.shape))
+        off += x.numel()
+    return out
+
+
+def hist_plain(xs, shift, bits, prefix, prefix_shift):
+    """Histogram (4096 bins) of one radix digit over the keys that match the prefix."""
+    keys = keys_of(xs)
+    if prefix_shift < 31:
+        keys = keys[(keys >> prefix_shift) == prefix]
+    return torch.bincount((keys >> shift) & ((1 << bits) - 1), minlength=4096)
