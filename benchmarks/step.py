@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 import os
 import sys
 from typing import Any, Dict, List, Optional
@@ -74,6 +75,34 @@ def _make_step(mode: str, base: torch.nn.Module, lower, upper):
     return lambda: alg.step(lower, upper)
 
 
+def _bench_interleaved(name: str, fns: Dict[str, Any], *, warmup: int, repeats: int,
+                       max_seconds: float) -> Dict[str, C.Timing]:
+    """CPU: one iteration of every mode per round, so all modes see the same machine state
+    (allocator, caches, clock, neighbours); a ratio to dense from separate timing windows can
+    drift by several percent on a shared 2-core machine. Rounds: at least 3, at most
+    ``repeats``, and about ``max_seconds`` per mode in total."""
+    first: Dict[str, float] = {}
+    for mode, fn in fns.items():
+        C.log(f"[step] {name} {mode}: warm-up")
+        for _ in range(max(warmup, 1)):
+            t0 = time.perf_counter()
+            fn()
+            first[mode] = time.perf_counter() - t0
+    per_round = sum(first.values())
+    rounds = int(max(3, min(repeats, max_seconds * len(fns) / max(per_round, 1e-9))))
+    samples: Dict[str, List[float]] = {m: [] for m in fns}
+    for r in range(rounds):
+        for mode, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[mode].append((time.perf_counter() - t0) * 1e3)
+        C.log(f"[step] {name} round {r + 1}/{rounds}")
+    out = {m: C.Timing.from_samples(xs, "perf_counter, interleaved") for m, xs in samples.items()}
+    for m, t in out.items():
+        C.log(f"[step] {name} {m}: {t.median_ms:.1f} ms (n={t.n})")
+    return out
+
+
 def run(models: List[str], device: torch.device, batch: int, *, warmup: int, repeats: int,
         max_seconds: float, seed: int = 0) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
@@ -86,13 +115,17 @@ def run(models: List[str], device: torch.device, batch: int, *, warmup: int, rep
         upper = (torch.randn(batch, 3, 32, 32, generator=g).to(device),
                  torch.randint(0, 10, (batch,), generator=g).to(device))
         timings = {}
-        for mode in MODES:
-            fn = _make_step(mode, base, lower, upper)
-            C.log(f"[step] {name} {mode} ...")
-            t = C.bench(fn, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds, min_repeats=3)
-            timings[mode] = t
-            C.log(f"[step] {name} {mode}: {t.median_ms:.1f} ms (n={t.n})")
-            del fn
+        if device.type == "cuda":
+            for mode in MODES:
+                fn = _make_step(mode, base, lower, upper)
+                C.log(f"[step] {name} {mode} ...")
+                t = C.bench(fn, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds, min_repeats=3)
+                timings[mode] = t
+                C.log(f"[step] {name} {mode}: {t.median_ms:.1f} ms (n={t.n})")
+                del fn
+        else:
+            timings = _bench_interleaved(name, {m: _make_step(m, base, lower, upper) for m in MODES},
+                                         warmup=warmup, repeats=repeats, max_seconds=max_seconds)
         dense = timings["dense"].median_ms
         authors = timings["authors_shaped"].median_ms
         for mode, t in timings.items():
