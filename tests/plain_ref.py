@@ -35,3 +35,18 @@ def hist_plain(xs, shift, bits, prefix, prefix_shift):
     if prefix_shift < 31:
         keys = keys[(keys >> prefix_shift) == prefix]
     return torch.bincount((keys >> shift) & ((1 << bits) - 1), minlength=4096)
+
+
+def scores_of_kind(kind, shapes, dtype, seed=0):
+    """Score tensors for kernel tests: "randn", "int" (heavy ties, mixed signs, zeros included)
+    or "equal" (every score -0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "randn":
+        xs = [torch.randn(s, generator=g) for s in shapes]
+    elif kind == "int":
+        xs = [torch.randint(-3, 4, s, generator=g).float() for s in shapes]
+    elif kind == "equal":
+        xs = [torch.full(s, -0.5) for s in shapes]
+    else:
+        raise AssertionError(kind)
+    return [x.to(dtype) for x in xs]

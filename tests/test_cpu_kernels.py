@@ -19,7 +19,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 # ----------------------------------------------------------------------------- plain torch
-from plain_ref import hist_plain, keys_of, topk_plain  # noqa: E402
+from plain_ref import hist_plain, keys_of, scores_of_kind, topk_plain  # noqa: E402
 
 
 def assert_masks_equal(got, want, xs):
@@ -32,17 +32,7 @@ def assert_masks_equal(got, want, xs):
 
 
 def make_scores(kind, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(16, 3, 3, 3), (40, 17), (5,), (300, 260), (2, 1)]
-    if kind == "randn":
-        xs = [torch.randn(s, generator=g) for s in shapes]
-    elif kind == "int":  # heavy ties, signs mixed, zeros included
-        xs = [torch.randint(-3, 4, s, generator=g).float() for s in shapes]
-    elif kind == "equal":
-        xs = [torch.full(s, -0.5) for s in shapes]
-    else:
-        raise AssertionError(kind)
-    return [x.to(dtype) for x in xs]
+    return scores_of_kind(kind, [(16, 3, 3, 3), (40, 17), (5,), (300, 260), (2, 1)], dtype, seed)
 
 
 # ----------------------------------------------------------------------------- topk_masks

@@ -27,7 +27,7 @@ def cuda_ops():
 
 
 # ----------------------------------------------------------------------------- plain torch
-from plain_ref import hist_plain, keys_of, topk_plain  # noqa: E402
+from plain_ref import hist_plain, keys_of, scores_of_kind, topk_plain  # noqa: E402
 
 
 def assert_masks_equal(got, want, xs):
@@ -41,18 +41,8 @@ def assert_masks_equal(got, want, xs):
 
 
 def make_scores(kind, dtype, dev, seed=0):
-    g = torch.Generator().manual_seed(seed)
     shapes = [(16, 3, 3, 3), (40, 17), (5,), (300, 260), (2, 1), (CHUNK + 3,), (0,), (3, CHUNK - 1)]
-    if kind == "randn":
-        xs = [torch.randn(s, generator=g) for s in shapes]
-    elif kind == "int":  # heavy ties, mixed signs, zeros included
-        xs = [torch.randint(-3, 4, s, generator=g).float() for s in shapes]
-    elif kind == "equal":
-        xs = [torch.full(s, -0.5) for s in shapes]
-    else:
-        raise AssertionError(kind)
-    return [x.to(dtype).to(dev) for x in xs]
-
+    return [x.to(dev) for x in scores_of_kind(kind, shapes, dtype, seed)]
 
 def keep_values(n):
     return sorted({0, 1, 2, 7, n // 3, n // 2, n - 1, n})

@@ -59,6 +59,22 @@ def _configs(a: str, b: str, c: str):
 
 
 @triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc += a @ b with the requested input precision (1: tf32, 2: ieee, else the default);
+    DOT_F32 first upcasts both operands to float32."""
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if PRECISION == 1:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    elif PRECISION == 2:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _tile_ids(pid, n_rows, n_cols, BR: tl.constexpr, BC: tl.constexpr, GROUP: tl.constexpr):
     # Grouped ordering: GROUP row-tiles share each column panel while it is in L2.
     num_r = tl.cdiv(n_rows, BR)
@@ -98,15 +114,7 @@ def _masked_mm_kernel(
         b = tl.load(b_ptr + b_off, mask=lm, other=0.0)
         keep = tl.load(bmask_ptr + b_off, mask=lm, other=0) != 0
         b = tl.where(keep, b, tl.zeros_like(b)).to(a.dtype)
-        if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if PRECISION == 1:
-            acc = tl.dot(a, b, acc, input_precision="tf32")
-        elif PRECISION == 2:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _mma(a, b, acc, PRECISION, DOT_F32)
         a_ptrs += BK * stride_ar
         b_off += BK * stride_br
     if HAS_BIAS:
@@ -139,15 +147,7 @@ def _masked_linear_wgrad_kernel(
         mm = m0 + offs_m
         gt = tl.load(gt_ptrs, mask=rn[:, None] & (mm[None, :] < M), other=0.0)
         xt = tl.load(x_ptrs, mask=(mm[:, None] < M) & rk[None, :], other=0.0).to(gt.dtype)
-        if DOT_F32:
-            gt = gt.to(tl.float32)
-            xt = xt.to(tl.float32)
-        if PRECISION == 1:
-            acc = tl.dot(gt, xt, acc, input_precision="tf32")
-        elif PRECISION == 2:
-            acc = tl.dot(gt, xt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(gt, xt, acc)
+        acc = _mma(gt, xt, acc, PRECISION, DOT_F32)
         gt_ptrs += BM * stride_gm
         x_ptrs += BM * stride_xm
     wk = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
