@@ -44,6 +44,7 @@ def make_scores(kind, dtype, dev, seed=0):
     shapes = [(16, 3, 3, 3), (40, 17), (5,), (300, 260), (2, 1), (CHUNK + 3,), (0,), (3, CHUNK - 1)]
     return [x.to(dev) for x in scores_of_kind(kind, shapes, dtype, seed)]
 
+
 def keep_values(n):
     return sorted({0, 1, 2, 7, n // 3, n // 2, n - 1, n})
 
