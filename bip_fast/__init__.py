@@ -1,4 +1,5 @@
-"""bip_fast: sparse networks by bi-level optimisation (BiP), with IMP, OMP and Hydra baselines.
+"""bip_fast: sparse networks by bi-level optimisation (BiP), with IMP, OMP, Hydra, SNIP, GraSP,
+SynFlow and GMP baselines.
 
 Importing never touches CUDA and never needs the compiled extension; see :func:`build_info`.
 """
@@ -35,12 +36,16 @@ __all__ = [
     "OMP",
     "Hydra",
     "Dense",
+    "SNIP",
+    "GraSP",
+    "SynFlow",
+    "GMP",
 ]
 
 
 def __getattr__(name):
     # The algorithms pull in the training engine; load them on first use.
-    if name in ("BiP", "IMP", "OMP", "Hydra", "Dense"):
+    if name in ("BiP", "IMP", "OMP", "Hydra", "Dense", "SNIP", "GraSP", "SynFlow", "GMP"):
         from . import pruning
 
         return getattr(pruning, name)

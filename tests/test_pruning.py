@@ -560,9 +560,9 @@ def test_bad_inputs():
 
 def test_registry():
     assert get_algorithm("bip") is BiP and get_algorithm("IMP") is IMP
-    assert set(ALGORITHMS) == {"bip", "imp", "omp", "hydra", "dense"}
-    with pytest.raises(ValueError, match="bip.*dense.*hydra.*imp.*omp"):
-        get_algorithm("snip")
+    assert set(ALGORITHMS) == {"bip", "imp", "omp", "hydra", "dense", "snip", "grasp", "synflow", "gmp"}
+    with pytest.raises(ValueError, match="bip.*dense.*gmp.*grasp.*hydra.*imp.*omp"):
+        get_algorithm("lamp")
     with pytest.raises(TypeError, match="name"):
         get_algorithm(3)
 
@@ -621,8 +621,11 @@ def test_histogram_shortcut_matches_plain_projection(variant, schedule):
 def test_every_algorithm_trains_a_conv_net(name):
     cls = get_algorithm(name)
     model = conv_net()
-    alg = cls(model) if name in ("imp", "dense") else cls(model, 0.75)
+    kw = {"ramp_steps": 1, "prune_every": 1} if name == "gmp" else {}
+    alg = cls(model) if name in ("imp", "dense") else cls(model, 0.75, **kw)
     bs = img_batches(14, 4)
+    if hasattr(alg, "prepare"):  # the saliency baselines cut once from a few batches
+        alg.prepare(bs[:1])
     losses = [alg.step(bs[i], bs[i + 1]) for i in (0, 2)]
     assert all(bool(torch.isfinite(o["loss"])) for o in losses)
     if name == "dense":

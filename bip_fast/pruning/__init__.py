@@ -1,6 +1,7 @@
 """Pruning algorithms (one per file) and their registry.
 
-``get_algorithm(name)`` maps "bip", "imp", "omp", "hydra", "dense" to the classes; every class
+``get_algorithm(name)`` maps "bip", "imp", "omp", "hydra", "dense" and the baselines "snip",
+"grasp", "synflow", "gmp" to the classes; every class
 shares the :class:`Algorithm` interface (``step(batch, batch2=None) -> metrics``,
 ``state_dict()``/``load_state_dict()``, ``masks()``, ``sparsity()``, ``param_groups``).
 """
@@ -12,11 +13,16 @@ from typing import Dict, Type
 from .base import Algorithm, SGDGroup, cosine_factor
 from .bip import BiP, init_scores
 from .dense import Dense
+from .gmp import GMP
+from .grasp import GraSP
 from .hydra import Hydra
 from .imp import IMP
 from .omp import OMP
+from .snip import SNIP
+from .synflow import SynFlow
 
-ALGORITHMS: Dict[str, Type[Algorithm]] = {"bip": BiP, "imp": IMP, "omp": OMP, "hydra": Hydra, "dense": Dense}
+ALGORITHMS: Dict[str, Type[Algorithm]] = {"bip": BiP, "imp": IMP, "omp": OMP, "hydra": Hydra, "dense": Dense,
+                                          "snip": SNIP, "grasp": GraSP, "synflow": SynFlow, "gmp": GMP}
 
 
 def get_algorithm(name: str) -> Type[Algorithm]:
@@ -30,4 +36,4 @@ def get_algorithm(name: str) -> Type[Algorithm]:
 
 
 __all__ = ["Algorithm", "SGDGroup", "cosine_factor", "init_scores", "BiP", "IMP", "OMP", "Hydra", "Dense",
-           "ALGORITHMS", "get_algorithm"]
+           "SNIP", "GraSP", "SynFlow", "GMP", "ALGORITHMS", "get_algorithm"]
