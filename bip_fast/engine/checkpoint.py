@@ -4,6 +4,14 @@
 to a temporary file in the same directory, flushed and fsync'ed, moved over the target with
 ``os.replace`` (atomic on POSIX and Windows), and the directory entry is fsync'ed. If anything
 fails before the rename, the previous checkpoint is untouched and the temporary file is removed.
+A Ctrl-C (SIGINT) that arrives during the write is held back until the file is in place, so an
+interrupt never leaves a half-written temporary file or a traceback from inside the write. A
+failed write (disk full, read-only folder) raises OSError naming the file.
+
+Every file carries a SHA-256 of its content as the zip comment of the archive
+(:mod:`bip_fast.engine.integrity`; plain ``torch.load`` still reads it) and :func:`load` verifies
+it: a file changed after it was written raises ValueError. Files without a checksum (older ones)
+load unverified.
 
 ``load`` reads checkpoints written by this project with ``torch.load(weights_only=False)``:
 they hold plain Python objects (hyper-parameter dicts, RNG states from ``random.getstate()`` and
@@ -13,16 +21,22 @@ files of unknown origin.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["save_atomic", "load", "rng_state", "set_rng_state"]
+from . import integrity
+
+__all__ = ["save_atomic", "load", "rng_state", "set_rng_state", "defer_sigint"]
 
 
 def _check_path(path) -> Path:
@@ -43,11 +57,45 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def defer_sigint():
+    """Hold back SIGINT inside the block (main thread only); a Ctrl-C received meanwhile is raised
+    as KeyboardInterrupt when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    except ValueError:  # no signals here (embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if got:
+        raise KeyboardInterrupt
+
+
 def save_atomic(obj, path) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (the parent directory is created if needed)."""
+    """``torch.save(obj)`` to ``path`` atomically, with a content checksum (the parent directory
+    is created if needed)."""
     path = _check_path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = integrity.seal(buf.getbuffer())
+    del buf
+    with defer_sigint():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            _write_replace(data, path, directory)
+        except OSError as e:
+            raise OSError(e.errno, f"writing '{path}' failed: {e.strerror or e}") from e
+
+
+def _write_replace(data: bytes, path: Path, directory: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
         if os.name == "posix":  # mkstemp creates 0600; give the file the usual umask mode
@@ -55,7 +103,7 @@ def save_atomic(obj, path) -> None:
             os.umask(umask)
             os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -72,14 +120,16 @@ def load(path, map_location="cpu"):
     """Load a checkpoint written by :func:`save_atomic` (see the module note on weights_only).
 
     Raises FileNotFoundError if ``path`` does not exist and ValueError if it is not a readable
-    checkpoint (truncated, garbage, not a torch file).
+    checkpoint (truncated, garbage, not a torch file) or its content does not match its checksum
+    (:class:`bip_fast.engine.integrity.ChecksumError`).
     """
     path = _check_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist"
                                 + (" (it is a directory)" if path.is_dir() else ""))
+    data = integrity.unseal(path.read_bytes(), path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
