@@ -36,7 +36,12 @@ def project(
     m: int = 4,
     backend: Optional[str] = None,
 ) -> List[torch.Tensor]:
-    """Bool masks keeping a fraction ``density`` of the weights under ``structure``."""
+    """Bool masks keeping a fraction ``density`` of the weights under ``structure``.
+
+    Filter- and channel-wise structures keep at least one filter / input channel per layer (a
+    layer with none would disconnect the network), so at very high sparsity they keep slightly
+    more than ``density``.
+    """
     density = _check_density(density)
     if structure not in STRUCTURES:
         raise ValueError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
@@ -53,7 +58,8 @@ def project(
                 raise ValueError(f"scores[{i}]: {structure}-wise pruning needs a weight of >= 2 dims, got {tuple(s.shape)}")
             dim = 0 if structure == "filter" else 1
             norms = s.detach().to(torch.float32).transpose(0, dim).reshape(s.shape[dim], -1).norm(dim=1)
-            keep = ops.topk_masks([norms], keep_count(norms.numel(), density), backend=backend)[0]
+            # at least one filter/channel per layer: an empty layer cuts the network in two
+            keep = ops.topk_masks([norms], max(1, keep_count(norms.numel(), density)), backend=backend)[0]
             shape = [1] * s.dim()
             shape[dim] = -1
             out.append(keep.view(shape).expand(s.shape).contiguous())
@@ -71,7 +77,8 @@ def _nm_mask(s: torch.Tensor, n: int, m: int, i: int) -> torch.Tensor:
         raise ValueError(f"n/m: expected integers with 0 < n <= m, got {n}/{m}")
     k = s[0].numel() if s.dim() > 1 else s.numel()
     if k % m != 0:
-        raise ValueError(f"scores[{i}]: input dimension {k} is not a multiple of m={m} for {n}:{m} pruning")
+        raise ValueError(f"scores[{i}]: input dimension {k} of a weight of shape {tuple(s.shape)} is not a "
+                         f"multiple of m={m} for {n}:{m} pruning (exclude that layer, or use another structure)")
     a = s.detach().to(torch.float32).abs().reshape(-1, m)
     order = torch.sort(a, dim=1, descending=True, stable=True).indices[:, :n]
     mask = torch.zeros_like(a, dtype=torch.bool).scatter_(1, order, True)

@@ -1,8 +1,21 @@
-"""sparsify / finalize / sparsity_report and parameter groups of masked models."""
+"""sparsify / finalize / sparsity_report and parameter groups of masked models.
+
+Nothing is left dense silently. :func:`sparsify` swaps exactly nn.Conv2d and nn.Linear; every
+other weight-bearing layer (Conv1d/3d, transposed convs, nn.MultiheadAttention, Bilinear,
+lazy and subclassed layers) is named in a warning, and so is a Conv2d/Linear whose weight its
+parent reads directly (``F.linear(x, self.qkv.weight)``, as torchvision's Swin attention does):
+a masked module only masks what goes through its own forward, so such a layer is left dense
+rather than shown as pruned. :func:`sparsity_report` lists all of them under ``skipped``. The
+algorithms also check, after their first backward pass, that every masked weight got its
+gradient through the mask (a dynamic use the source scan cannot see raises there).
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import inspect
+import re
+import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -18,6 +31,9 @@ def _selector(sel: Selector, arg: str, names: List[str]) -> Optional[Callable[[s
         return None
     if callable(sel):
         return sel
+    if not isinstance(sel, (str, Iterable)):
+        raise TypeError(f"{arg}: expected a module name, a glob pattern, a list of them or a callable "
+                        f"(name, module) -> bool, got {type(sel).__name__}")
     patterns = [sel] if isinstance(sel, str) else list(sel)
     for p in patterns:
         if not isinstance(p, str):
@@ -54,6 +70,67 @@ def _to_masked(m: nn.Module) -> nn.Module:
     return new
 
 
+_SOURCE_CACHE: Dict[type, str] = {}
+
+
+def _forward_source(cls: type) -> str:
+    """Source of the ``forward`` that ``cls`` runs, with its bases' while it calls ``super()``
+    ("" where unavailable). Only forward: initialisation code reads ``self.fc.weight``
+    legitimately."""
+    if cls not in _SOURCE_CACHE:
+        parts = []
+        for c in cls.__mro__:
+            fwd = c.__dict__.get("forward")
+            if c is nn.Module or fwd is None:
+                continue
+            try:
+                parts.append(inspect.getsource(fwd))
+            except (OSError, TypeError):
+                break
+            if "super(" not in parts[-1]:
+                break  # an overriding forward that does not call its base's
+        _SOURCE_CACHE[cls] = "\n".join(parts)
+    return _SOURCE_CACHE[cls]
+
+
+def _bypassed(model: nn.Module, name: str) -> Optional[str]:
+    """The parent class whose code reads ``<child>.weight`` directly (bypassing a masked
+    forward), or None."""
+    parent_name, _, child = name.rpartition(".")
+    if not child:
+        return None
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if re.search(r"\.\s*" + re.escape(child) + r"\s*\.\s*weight\b", _forward_source(type(parent))):
+        return type(parent).__name__
+    return None
+
+
+_UNSUPPORTED = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.MultiheadAttention)
+
+
+def _skipped(model: nn.Module) -> List[Dict[str, object]]:
+    """Weight-bearing layers that are not masked, with the reason (see the module docstring)."""
+    out, inside = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, MASKED_TYPES) or any(name.startswith(p + ".") for p in inside):
+            continue
+        if not isinstance(m, _UNSUPPORTED) and not isinstance(m, nn.modules.lazy.LazyModuleMixin):
+            continue
+        if isinstance(m, nn.MultiheadAttention):
+            inside.append(name)  # its out_proj is part of it
+        numel = sum(p.numel() for p in m.parameters(recurse=isinstance(m, nn.MultiheadAttention))
+                    if not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 2)
+        owner = _bypassed(model, name) if type(m) in (nn.Conv2d, nn.Linear) else None
+        if owner:
+            reason = f"weight read directly by {owner} (outside the masked forward)"
+        elif type(m) in (nn.Conv2d, nn.Linear):
+            reason = "not masked (include/exclude, or not sparsified)"
+        else:
+            reason = f"unsupported layer type {type(m).__name__}"
+        out.append({"name": name, "type": type(m).__name__, "numel": numel, "reason": reason})
+    return out
+
+
 def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = None) -> nn.Module:
     """Swap nn.Conv2d / nn.Linear modules for their masked versions in place; return the model.
 
@@ -61,6 +138,9 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     callable ``(name, module) -> bool``. Weights and biases are kept (the same Parameters); scores
     start as a float32 copy of the weights and masks as all-True. Already-masked modules are kept.
     If ``model`` itself is a Conv2d/Linear, the new module is returned.
+
+    Layers left dense for a reason other than include/exclude (an unsupported type, a weight its
+    parent reads directly) are named in a UserWarning; a model with nothing to mask warns too.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -68,6 +148,8 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
         (n, m) for n, m in model.named_modules()
         if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, MASKED_TYPES) and type(m) in (nn.Conv2d, nn.Linear)
     ]
+    bypassed = {n for n, _ in cands if _bypassed(model, n)}
+    cands = [(n, m) for n, m in cands if n not in bypassed]
     names = [n for n, _ in cands]
     inc = _selector(include, "include", names)
     exc = _selector(exclude, "exclude", names)
@@ -80,6 +162,15 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
         if name == "":
             return new
         _swap(model, name, new)
+    left = [s for s in _skipped(model) if not s["reason"].startswith("not masked")]
+    if left:
+        shown = ", ".join(f"{s['name']} ({s['reason']})" for s in left[:6])
+        more = f" and {len(left) - 6} more" if len(left) > 6 else ""
+        warnings.warn(f"sparsify: {len(left)} layer(s) left dense and not pruned: {shown}{more}; "
+                      f"see sparsity_report(model)['skipped']", UserWarning, stacklevel=2)
+    if not masked_modules(model):
+        warnings.warn("sparsify: the model has no nn.Conv2d / nn.Linear layer to mask; it is returned "
+                      "unchanged", UserWarning, stacklevel=2)
     return model
 
 
@@ -130,7 +221,9 @@ def other_parameters(model: nn.Module) -> List[nn.Parameter]:
 
 
 def sparsity_report(model: nn.Module) -> Dict[str, object]:
-    """Per-layer and total density of the masked modules' current masks."""
+    """Per-layer and total density of the masked modules' current masks, and under ``skipped``
+    the weight-bearing layers that are not masked (name, type, numel, reason); their weights are
+    not counted in ``numel``."""
     layers, total, kept = [], 0, 0
     for name, m in masked_modules(model):
         n = m.mask.numel()
@@ -139,4 +232,5 @@ def sparsity_report(model: nn.Module) -> Dict[str, object]:
         total += n
         kept += k
     density = kept / total if total else 1.0
-    return {"layers": layers, "numel": total, "kept": kept, "density": density, "sparsity": 1.0 - density}
+    return {"layers": layers, "numel": total, "kept": kept, "density": density, "sparsity": 1.0 - density,
+            "skipped": _skipped(model)}

@@ -11,6 +11,14 @@ cosine schedule, so the whole training state is a handful of tensors and integer
 the training forward pass itself (no ``.item()``, no extra forward for logging).
 Gradients are cleared with ``p.grad = None`` and produced by ``loss.backward()`` (so DDP's
 all-reduce works); each optimiser then steps only its own parameters.
+
+Divergence guard (``nonfinite_guard``, on by default): every forward/backward checks its loss and
+gradients (one multi-tensor max-|g| reduction and one host read of a single flag per pass; on
+the CPU that read costs nothing, on a GPU it is the one synchronisation of a pass). A NaN or inf
+raises :class:`NonFiniteError` naming the step before the pass's update: weights, scores, masks,
+momentum buffers and norm-layer running statistics (restored from a snapshot taken before the
+forward) stay as they were. In two-pass schedules (alternating BiP) an earlier pass's update of
+the same iteration stays applied; it was computed from finite values.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from .. import ops
 from ..masks import STRUCTURES, apply_masks, keep_count, project
 from ..nn import masked_modules, sparsify
 
-__all__ = ["Algorithm", "SGDGroup", "cosine_factor", "check_sparsity"]
+__all__ = ["Algorithm", "SGDGroup", "cosine_factor", "check_sparsity", "NonFiniteError"]
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -85,6 +93,17 @@ def cosine_factor(step: int, total_steps: Optional[int]) -> float:
         return 1.0
     t = min(step, total_steps)
     return 0.5 * (1.0 + math.cos(math.pi * t / total_steps))
+
+
+class NonFiniteError(FloatingPointError):
+    """A training pass produced a NaN/inf loss or gradient; no update was applied.
+
+    ``step``: the algorithm's ``global_step`` of the failed iteration; ``what``: the loss or the
+    first parameter with a non-finite gradient."""
+
+    def __init__(self, step: int, what: str) -> None:
+        self.step, self.what = step, what
+        super().__init__(f"step {step}: non-finite {what}; no update was applied")
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -198,6 +217,7 @@ class Algorithm:
         self.param_groups: Dict[str, SGDGroup] = {}
         self.step_count = 0  # steps taken in the current round / phase (drives the schedule)
         self.global_step = 0  # steps taken in total
+        self.nonfinite_guard = True  # see the module docstring
 
     # -- parameters ---------------------------------------------------------------------
     def _weights(self) -> List[nn.Parameter]:
@@ -235,9 +255,14 @@ class Algorithm:
         if not self.model.training:
             self.model.train()
         self._zero_grad()
+        snap = self._snapshot_buffers() if self.nonfinite_guard else None
         out = self.model(x)
         loss = self.loss_fn(out, y)
         loss.backward()
+        if snap is not None:
+            self._check_finite(loss, snap)
+        if not getattr(self, "_grad_paths_checked", False):
+            self._check_grad_paths()
         with torch.no_grad():
             if out.dim() == 2 and y.dim() == 1:
                 correct = (out.argmax(dim=1) == y).sum()
@@ -245,6 +270,47 @@ class Algorithm:
                 correct = torch.zeros((), dtype=torch.int64, device=out.device)
         count = torch.full((), y.shape[0], dtype=torch.int64, device=y.device)  # a fill, not a host copy
         return {"loss": loss.detach(), "correct": correct, "count": count}
+
+    def _check_grad_paths(self) -> None:
+        """After the first backward: a masked weight with a gradient but no score gradient was used
+        outside its module's masked forward (e.g. ``F.linear(x, module.weight)``), so its mask
+        never applied. Refuse it by name rather than train a layer that is not really pruned."""
+        self._grad_paths_checked = True
+        for name, mod in zip(self.module_names, self.modules):
+            if mod.scores.requires_grad and mod.weight.grad is not None and mod.scores.grad is None:
+                self._zero_grad()
+                raise ValueError(f"model: the weight of {name!r} ({type(mod).__name__}) is used outside its "
+                                 f"masked forward, so its mask would not apply; exclude it from pruning "
+                                 f"(exclude=[{name!r}])")
+
+    @torch.no_grad()
+    def _snapshot_buffers(self):
+        """Copies of the buffers a training forward changes (norm running statistics)."""
+        bufs = [b for _, b in self.model.named_buffers() if b.dtype != torch.bool]
+        snap = getattr(self, "_buffer_copies", None)
+        if snap is None or len(snap[0]) != len(bufs) or any(a is not b for a, b in zip(snap[0], bufs)):
+            snap = self._buffer_copies = (bufs, [torch.empty_like(b) for b in bufs])
+        if bufs:
+            torch._foreach_copy_(snap[1], bufs)
+        return snap
+
+    @torch.no_grad()
+    def _check_finite(self, loss: torch.Tensor, snap) -> None:
+        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        peaks = torch._foreach_norm([g for _, g in named], float("inf")) if named else []
+        flag = torch.stack([loss.detach().float().reshape(())] + [t.float() for t in peaks]).isfinite().all()
+        if bool(flag):  # the one host read of the pass
+            return
+        bufs, saved = snap
+        if bufs:
+            torch._foreach_copy_(bufs, saved)
+        if not bool(torch.isfinite(loss.detach()).all()):
+            what = f"loss ({float(loss.detach().float().reshape(-1)[0])})"
+        else:
+            bad = next(n for n, g in named if not bool(torch.isfinite(g).all()))
+            what = f"gradient of {bad!r} (the loss is finite)"
+        self._zero_grad()
+        raise NonFiniteError(self.global_step, what)
 
     # -- masks --------------------------------------------------------------------------
     def masks(self) -> List[torch.Tensor]:
