@@ -35,7 +35,10 @@ _HELP = {
     "export": "write --checkpoint as a plain PyTorch model (model_dense_format.pt) and masks.pt",
 }
 # Flags that may differ from the checkpointed config on --resume.
-_RESUME_FREE = {"out", "resume", "force", "device", "progress", "config", "command"}
+_RESUME_FREE = {"out", "resume", "force", "device", "progress", "config", "command", "nonfinite_skips"}
+# Flags eval/export use; any other flag would be silently ignored there, so it is refused.
+_READ_FLAGS = {"config", "command", "checkpoint", "out", "force", "arch", "device", "bf16", "seed", "progress",
+               "dataset", "data_dir", "subset", "test_batch_size", "channels_last"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,11 +97,37 @@ def _check_resume_flags(trainer_cfg: RunConfig, requested: RunConfig, given: set
                              f"(a resumed run keeps its configuration)")
 
 
+_TRAINING_OUT: List[Optional[str]] = [None]  # the run folder of the command running, for the Ctrl-C note
+
+
+def _check_flag_combinations(cmd: str, cfg: RunConfig, given: set) -> None:
+    if cfg.resume and cfg.force:
+        raise ValueError("--force: cannot be combined with --resume (continue the run, or overwrite it)")
+    if cmd in ("eval", "export"):
+        unused = sorted(given - _READ_FLAGS)
+        if unused:
+            flag = "--" + unused[0].replace("_", "-")
+            raise ValueError(f"{flag}: {cmd} reads the model, masks and sparsity from --checkpoint and takes no "
+                             f"{flag} (it would be ignored)")
+
+
+def _check_arch_flag(cfg: RunConfig) -> None:
+    """eval/export --arch only names the architecture of a file that records none."""
+    from .engine import loop
+
+    _, stored = loop._read_model_file(cfg.checkpoint, "checkpoint")
+    if stored and str(stored["model"]["arch"]).lower() != cfg.model.arch.lower():
+        raise ValueError(f"--arch: '{cfg.checkpoint}' is a {stored['model']['arch']} model, got --arch "
+                         f"{cfg.model.arch} (drop --arch: the checkpoint records its architecture)")
+
+
 def _run(argv: Optional[List[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg, given = _config(args)
     cmd = cfg.command
+    _TRAINING_OUT[0] = cfg.out if cmd in ("pretrain", "prune", "finetune") else None
+    _check_flag_combinations(cmd, cfg, given)
 
     from .engine import loop
 
@@ -127,6 +156,8 @@ def _run(argv: Optional[List[str]]) -> int:
     cfg = cfg.resolved()
     if cmd == "export" and not cfg.out:
         raise ValueError("out: export needs --out DIR")
+    if "arch" in given:
+        _check_arch_flag(cfg)
     if cmd == "eval":
         rep = loop.evaluate_checkpoint(cfg)
         print(json.dumps(rep))
@@ -138,18 +169,37 @@ def _run(argv: Optional[List[str]]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit status (2 on bad input, with a one-line message)."""
+    _TRAINING_OUT[0] = None
     try:
         return _run(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, message already printed)
         return e.code if isinstance(e.code, int) else 2
-    except (ValueError, FileNotFoundError, TypeError, NotADirectoryError, IsADirectoryError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"bip_fast: error: {msg}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, TypeError, NotADirectoryError, IsADirectoryError,
+            ArithmeticError) as e:  # ArithmeticError: the run diverged (NaN/inf), nothing written
+        print(f"bip_fast: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, I/O error while writing: the previous checkpoint is kept
+        print(f"bip_fast: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("bip_fast: interrupted (the last epoch's checkpoint.pt is kept; rerun with --resume)",
-              file=sys.stderr)
+        print(f"bip_fast: interrupted ({_interrupt_note()})", file=sys.stderr)
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _interrupt_note() -> str:
+    """What an interrupted run left behind, for the one line printed on Ctrl-C."""
+    from pathlib import Path
+
+    out = _TRAINING_OUT[0]
+    if out is None:
+        return "nothing was written"
+    if (Path(out) / "checkpoint.pt").is_file():
+        return f"'{out}/checkpoint.pt' from the last finished epoch is kept; rerun with --resume to continue"
+    return "no epoch had finished, so there is no checkpoint; rerun the same command to start over"
 
 
 if __name__ == "__main__":

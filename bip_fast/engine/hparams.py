@@ -116,6 +116,7 @@ class TrainHparams:
     sync_bn: bool = _f(False, "DDP on GPUs: SyncBatchNorm (batch statistics over the global batch)")
     log_interval: int = _f(50, "steps between device->host metric syncs (progress bar)")
     progress: bool = _f(True, "tqdm progress bars (shown on a terminal only)")
+    nonfinite_skips: int = _f(0, "steps with a NaN/inf loss or gradient to skip (no update) before the run stops")
 
 
 SECTIONS = (("data", DataHparams), ("model", ModelHparams), ("prune", PruneHparams), ("train", TrainHparams))
@@ -372,6 +373,12 @@ class RunConfig:
                         ("log_interval", t.log_interval)):
             if v < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        for name, v in (("seed", t.seed), ("nonfinite_skips", t.nonfinite_skips)):
+            if v < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
+        if c == "prune" and p.structure == "nm" and abs((1.0 - p.sparsity) - p.nm_n / p.nm_m) > 1e-9:
+            raise ValueError(f"sparsity: {p.nm_n}:{p.nm_m} pruning removes {1 - p.nm_n / p.nm_m:g} of the weights; "
+                             f"pass --sparsity {1 - p.nm_n / p.nm_m:g}, got {p.sparsity!r}")
         if d.subset is not None and (d.subset[0] < 1 or d.subset[1] < 1):
             raise ValueError(f"subset: expected two positive integers N_TRAIN N_TEST, got {list(d.subset)}")
         dev = t.device

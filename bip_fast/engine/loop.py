@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -56,10 +57,13 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import integrity
 from .hparams import METHOD_DEFAULTS, RunConfig
+from .runlock import RunLock
+from ..pruning.base import NonFiniteError
 
 __all__ = ["Trainer", "Segment", "plan_segments", "evaluate", "evaluate_checkpoint",
-           "export_checkpoint", "load_model", "check_out_dir", "RUN_FILES", "RUN_FORMAT"]
+           "export_checkpoint", "load_model", "check_out_dir", "RUN_FILES", "RUN_FORMAT", "DivergedError"]
 
 RUN_FORMAT = "bip_fast.run/1"
 CHECKPOINT = "checkpoint.pt"
@@ -171,16 +175,21 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def check_out_dir(out, resume: bool, force: bool) -> Path:
     """The run-folder policy: ``resume`` needs ``out/checkpoint.pt``; otherwise a folder already
-    holding a run's files is refused unless ``force``."""
+    holding a run's files is refused unless ``force`` (a folder holding only the config.yaml of a
+    run that stopped before its first checkpoint is free)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ValueError(f"out: '{out}' exists and is not a directory")
     if resume:
         if not (path / CHECKPOINT).is_file():
-            raise FileNotFoundError(f"resume: no {CHECKPOINT} in '{out}' to resume from")
+            hint = (" (the run stopped before its first epoch ended: rerun the command without --resume)"
+                    if (path / "config.yaml").is_file() else "")
+            raise FileNotFoundError(f"resume: no {CHECKPOINT} in '{out}' to resume from{hint}")
         return path
     present = [f for f in RUN_FILES if (path / f).exists()]
     present += sorted(p.name for p in path.glob("round_*.pt")) if path.is_dir() else []
+    if present == ["config.yaml"]:  # a run that ended before its first checkpoint: nothing to lose
+        present = []
     if present and not force:
         raise ValueError(f"out: '{out}' already holds a run ({', '.join(present)}); pass --resume to "
                          f"continue it or --force to overwrite it")
@@ -231,6 +240,7 @@ def _read_model_file(path, what: str):
     stored = None
     if isinstance(obj, dict) and obj.get("format") == RUN_FORMAT:
         sd, stored = obj["model"], obj["config"]
+        integrity.check_same_run(stored, p.parent, what, p)
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         sd = obj
         side = p.parent / CHECKPOINT
@@ -239,8 +249,12 @@ def _read_model_file(path, what: str):
                 side_obj = ckpt.load(side)
                 if isinstance(side_obj, dict) and side_obj.get("format") == RUN_FORMAT:
                     stored = side_obj["config"]
+            except integrity.ChecksumError:
+                raise
             except ValueError:
                 stored = None
+            if stored is not None:
+                integrity.check_same_run(stored, p.parent, what, side)
         if stored is None and (p.parent / "config.yaml").is_file():
             try:
                 stored = RunConfig.from_yaml(p.parent / "config.yaml").to_dict()
@@ -263,6 +277,21 @@ def _load_state_into(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, s
         detail = " ".join(x.strip() for x in first[:2])[:300]
         raise ValueError(f"{what}: '{src}' does not fit the model: {detail}") from None
     return model
+
+
+def _strict_json(obj):
+    """NaN/inf floats -> None, so every line stays strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
+class DivergedError(ArithmeticError):
+    """Training produced NaN/inf (see ``nonfinite_guard`` in bip_fast.pruning.base); the run stopped."""
 
 
 def _cpu_state(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -326,6 +355,7 @@ class Trainer:
             state = ckpt.load(Path(config.out) / CHECKPOINT)
             if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
                 raise ValueError(f"resume: '{Path(config.out) / CHECKPOINT}' is not a bip_fast run checkpoint")
+            integrity.check_same_run(state["config"], config.out, "resume", Path(config.out) / CHECKPOINT)
             stored = RunConfig.from_dict(state["config"])
             stored.out, stored.resume = config.out, True
             stored.train.device, stored.train.progress = config.train.device, config.train.progress
@@ -342,6 +372,7 @@ class Trainer:
         self.rounds: List[Dict[str, Any]] = []
         self.alg = None
         self.inner: Optional[nn.Module] = None
+        self.skipped_steps = 0  # non-finite steps skipped in this session
 
     # -- setup ----------------------------------------------------------------------------
     @property
@@ -484,7 +515,7 @@ class Trainer:
         if self.out is None or not self.is_main:
             return
         ckpt.save_atomic(self._state(seg_i, epoch), self.out / CHECKPOINT)
-        lines = "".join(json.dumps(h) + "\n" for h in self.history)
+        lines = "".join(json.dumps(_strict_json(h), allow_nan=False) + "\n" for h in self.history)
         _write_text_atomic(self.out / METRICS, lines)
 
     # -- training -------------------------------------------------------------------------
@@ -511,10 +542,10 @@ class Trainer:
         try:
             for i, batch in enumerate(it):
                 with torch.autocast(**amp):
-                    if bilevel:
-                        out = self.alg.step(self._shard(batch[0]), self._shard(batch[1]))
-                    else:
-                        out = self.alg.step(self._shard(batch))
+                    out = self._guarded_step(seg, batch, bilevel)
+                if out is None:  # a non-finite step skipped (--nonfinite-skips)
+                    bar.update(1)
+                    continue
                 cnt = out["count"].to(torch.float64)
                 sums += torch.stack([out["loss"].detach().to(torch.float64) * cnt,
                                      out["correct"].to(torch.float64), cnt])
@@ -529,6 +560,33 @@ class Trainer:
             dist.all_reduce(sums)
         s = sums.tolist()
         return {"train_loss": s[0] / max(s[2], 1.0), "train_acc": s[1] / max(s[2], 1.0)}
+
+    def _guarded_step(self, seg: Segment, batch, bilevel: bool):
+        """One algorithm step; a non-finite loss/gradient (no update applied) is skipped while
+        ``nonfinite_skips`` allows, else the run stops with :class:`DivergedError`."""
+        try:
+            if bilevel:
+                return self.alg.step(self._shard(batch[0]), self._shard(batch[1]))
+            return self.alg.step(self._shard(batch))
+        except NonFiniteError as e:
+            self.skipped_steps += 1
+            if self.skipped_steps <= getattr(self.cfg.train, "nonfinite_skips", 0):
+                return None
+            raise DivergedError(self._diverged_message(seg, f"step {e.step}: non-finite {e.what}")) from None
+
+    def _diverged_message(self, seg: Segment, what: str) -> str:
+        kept = (f"the last checkpoint ({self.out / CHECKPOINT}, epoch {self.global_epoch}) is kept"
+                if self.out is not None and (self.out / CHECKPOINT).is_file() and self.history
+                else "no checkpoint was written")
+        return (f"diverged: {what} in epoch {self.epoch_in_seg + 1} of segment {seg.name!r}; no update "
+                f"was applied and {kept}. Likely cause: a learning rate too high for this model (lr "
+                f"{self.alg.current_lrs()}) or NaN/inf in the input data")
+
+    def _check_weights_finite(self, seg: Segment) -> None:
+        """Before a checkpoint: the last update of the epoch may have overflowed finite values."""
+        ts = [v for v in self.inner.state_dict().values() if v.is_floating_point()]
+        if ts and not bool(torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all()):
+            raise DivergedError(self._diverged_message(seg, "the weights overflowed to inf/NaN"))
 
     def _enter(self, seg_i: int) -> None:
         seg = self.segments[seg_i]
@@ -587,6 +645,13 @@ class Trainer:
         cfg = self.cfg
         if cfg.command not in ("pretrain", "prune", "finetune"):
             raise ValueError(f"command: Trainer runs pretrain, prune or finetune, got {cfg.command!r}")
+        if self.out is None or not self.is_main:
+            return self._run()
+        with RunLock(self.out, cfg.command):  # one run per folder; also the writability check
+            return self._run()
+
+    def _run(self) -> Dict[str, Any]:
+        cfg = self.cfg
         if self.out is not None:
             check_out_dir(self.out, cfg.resume, cfg.force)
         if self.world > 1:
@@ -613,15 +678,16 @@ class Trainer:
                 model = _load_state_into(model, sd, "pretrained", cfg.model.pretrained)
             self.inner = self._place(model)
             seg_i = 0
+            self._enter(0)  # builds (and validates) the first algorithm before the folder is touched
             if self.out is not None and self.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
                 _write_text_atomic(self.out / "config.yaml", cfg.to_yaml())
-                # --force: the old run's logs and per-round files go (the rest is overwritten)
-                stale = [self.out / f for f in (METRICS, "results.json", "masks.pt")]
+                # --force: every file of the old run goes, so no old checkpoint.pt sits beside the
+                # new config.yaml if this run stops before its first checkpoint
+                stale = [self.out / f for f in (CHECKPOINT, METRICS, "results.json", "model.pt", "masks.pt")]
                 for f in stale + sorted(self.out.glob("round_*.pt")):
                     if f.exists():
                         f.unlink()
-            self._enter(0)
 
         while seg_i < len(self.segments):
             seg = self.segments[seg_i]
@@ -635,6 +701,9 @@ class Trainer:
                 record = {"epoch": self.global_epoch, "segment": seg.name, "segment_epoch": self.epoch_in_seg,
                           "round": seg.round, **rec, "test_acc": test_acc, "density": _density(self.inner),
                           "lr": self.alg.current_lrs(), "seconds": train_s}
+                if self.skipped_steps:
+                    record["skipped_steps"] = self.skipped_steps
+                self._check_weights_finite(seg)
                 self.history.append(record)
                 self._save(seg_i, self.epoch_in_seg)
                 for cb in self.callbacks:
@@ -647,7 +716,7 @@ class Trainer:
 
         rep = self.results(time.perf_counter() - t_start)
         if self.out is not None and self.is_main:
-            _write_text_atomic(self.out / "results.json", json.dumps(rep, indent=1) + "\n")
+            _write_text_atomic(self.out / "results.json", json.dumps(_strict_json(rep), indent=1, allow_nan=False) + "\n")
         return rep
 
     def results(self, seconds: float = 0.0) -> Dict[str, Any]:
