@@ -29,7 +29,8 @@ __all__ = ["main", "build_parser"]
 
 _HELP = {
     "pretrain": "train the dense model (method dense); writes model.pt",
-    "prune": "prune with --method bip|imp|omp|hydra from --pretrained (or after a dense phase)",
+    "prune": "prune with --method bip|imp|omp|hydra|snip|grasp|synflow|gmp from --pretrained (or after a dense "
+             "phase; SNIP/GraSP/SynFlow prune the initialisation)",
     "finetune": "retrain --checkpoint's model under its fixed masks",
     "eval": "test accuracy and sparsity of --checkpoint",
     "export": "write --checkpoint as a plain PyTorch model (model_dense_format.pt) and masks.pt",
@@ -47,7 +48,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m bip_fast", description="BiP pruning and its baselines (IMP, OMP, Hydra).")
+    parser = _Parser(prog="python -m bip_fast",
+                     description="BiP pruning and its baselines (IMP, OMP, Hydra, SNIP, GraSP, SynFlow, GMP).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for cmd in COMMANDS:

@@ -23,6 +23,11 @@ Bi-level Optimization", appendix):
   (SPEC §5) and rewinds to epoch ``rewind_epoch`` (default 3) of its dense round 0.
 - Hydra: score phase 20 epochs at score lr 0.1, then finetuning 100 epochs at lr 0.01 (Sehwag et
   al. 2020 CIFAR settings), weight decay 5e-4 (Hydra's default), layer-wise structure.
+- SNIP / GraSP / SynFlow (pruning at initialisation, :mod:`bip_fast.engine.baselines`): the
+  dense training schedule (160 epochs, lr 0.1, weight decay 5e-4) after the one-shot cut; GraSP
+  temperature 200 and 10 samples per class, SynFlow 100 rounds (the published settings).
+- GMP: 100 epochs (BiP's budget, our choice) at lr 0.1, weight decay 5e-4, the cubic schedule
+  over the first half of the run and Δt = 100 steps (Zhu & Gupta 2017), then finetuning.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ __all__ = [
     "add_flags", "load_yaml",
 ]
 
-METHODS = ("bip", "imp", "omp", "hydra", "dense")
+METHODS = ("bip", "imp", "omp", "hydra", "dense", "snip", "grasp", "synflow", "gmp")
 COMMANDS = ("pretrain", "prune", "finetune", "eval", "export")
 STRUCTURES = ("global", "layer", "filter", "channel", "nm")
 VARIANTS = ("paper", "official")
@@ -55,6 +60,10 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "imp": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
     "omp": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
     "hydra": {"epochs": 100, "lr": 0.01, "weight_decay": 5e-4, "structure": "layer"},
+    "snip": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
+    "grasp": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
+    "synflow": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
+    "gmp": {"epochs": 100, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
 }
 
 
@@ -84,7 +93,7 @@ class ModelHparams:
 
 @dataclass
 class PruneHparams:
-    method: str = _f("bip", "bip, imp, omp, hydra or dense")
+    method: str = _f("bip", "bip, imp, omp, hydra, dense, snip, grasp, synflow or gmp")
     sparsity: float = _f(0.9, "fraction of prunable weights removed, in [0, 1)")
     structure: Optional[str] = _f(None, "global, layer, filter, channel or nm (default per method)")
     variant: str = _f("paper", "BiP variant: paper or official (the authors' effective update)")
@@ -99,6 +108,12 @@ class PruneHparams:
     hydra_score_epochs: int = _f(20, "Hydra: epochs of the score phase (then --epochs of finetuning)")
     pretrain_epochs: Optional[int] = _f(None, "prune without --pretrained: epochs of the dense phase run first "
                                               "(default: the dense schedule, 160)")
+    score_samples: Optional[int] = _f(None, "SNIP/GraSP: training images the scores see (default: SNIP one "
+                                            "batch of --batch-size, GraSP 10 per class)")
+    grasp_temperature: float = _f(200.0, "GraSP: temperature dividing the logits of the score passes")
+    synflow_rounds: int = _f(100, "SynFlow: pruning rounds of the exponential schedule")
+    gmp_ramp_epochs: Optional[int] = _f(None, "GMP: epochs of the cubic pruning ramp (default: half of --epochs)")
+    gmp_every: int = _f(100, "GMP: steps between mask updates on the ramp")
     nm_n: int = _f(2, "N of N:M structure")
     nm_m: int = _f(4, "M of N:M structure")
 
@@ -360,6 +375,14 @@ class RunConfig:
             raise ValueError(f"pretrain_epochs: expected an integer >= 1, got {p.pretrain_epochs!r}")
         if not (isinstance(p.nm_n, int) and isinstance(p.nm_m, int) and 0 < p.nm_n <= p.nm_m):
             raise ValueError(f"nm_n: expected 0 < nm_n <= nm_m, got {p.nm_n}:{p.nm_m}")
+        for name, v in (("score_samples", p.score_samples), ("synflow_rounds", p.synflow_rounds),
+                        ("gmp_ramp_epochs", p.gmp_ramp_epochs), ("gmp_every", p.gmp_every)):
+            if v is not None and v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        if not (math.isfinite(p.grasp_temperature) and p.grasp_temperature > 0):
+            raise ValueError(f"grasp_temperature: expected a positive number, got {p.grasp_temperature!r}")
+        if p.method in ("snip", "grasp", "synflow", "gmp") and p.structure not in (None, "global", "layer"):
+            raise ValueError(f"structure: {p.method} prunes globally or layer-wise, got {p.structure!r}")
         if t.epochs is not None and t.epochs < 1:
             raise ValueError(f"epochs: expected an integer >= 1, got {t.epochs!r}")
         for name, v in (("lr", t.lr), ("score_lr", p.score_lr)):
@@ -387,7 +410,7 @@ class RunConfig:
         if c == "pretrain" and p.method != "dense":
             raise ValueError(f"method: pretrain trains the dense model (method dense), got {p.method!r}")
         if c == "prune" and p.method == "dense":
-            raise ValueError("method: prune needs a pruning method (bip, imp, omp or hydra), got 'dense' "
+            raise ValueError("method: prune needs a pruning method (not dense), got 'dense' "
                              "(use the pretrain command)")
         if c == "prune" and p.sparsity <= 0.0:
             raise ValueError(f"sparsity: prune needs a sparsity in (0, 1), got {p.sparsity!r}")

@@ -4,9 +4,10 @@ A run (``pretrain``, ``prune`` or ``finetune``) is planned as a list of *segment
 of epochs of one algorithm (``bip_fast.pruning``):
 
 - ``pretrain``: ``dense`` (Dense, plain model) -> ``model.pt`` is the plain state dict.
-- ``prune --method bip|omp``: the method's segment, starting from ``--pretrained`` (a model.pt,
-  checkpoint.pt or run folder). Without ``--pretrained`` a dense segment of ``--pretrain-epochs``
-  (default: the dense schedule, 160 epochs at lr 0.1) runs first in the same run folder.
+- ``prune --method bip|omp|snip|grasp|synflow|gmp``: the method's segment (:mod:`.baselines`),
+  starting from ``--pretrained`` (a model.pt, checkpoint.pt or run folder). Without
+  ``--pretrained`` a dense segment of ``--pretrain-epochs`` (default: the dense schedule, 160
+  epochs at lr 0.1) runs first in the same run folder (not for SNIP/GraSP/SynFlow).
 - ``prune --method hydra``: ``hydra_prune`` (``--hydra-score-epochs`` of score training), then
   ``hydra_finetune`` (``Hydra.finetune()``, ``--epochs`` of weight training under the mask).
 - ``prune --method imp``: without ``--pretrained``, round 0 is dense training inside IMP and the
@@ -58,6 +59,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import integrity
+from . import baselines
 from .hparams import METHOD_DEFAULTS, RunConfig
 from .runlock import RunLock
 from ..pruning.base import NonFiniteError
@@ -118,9 +120,9 @@ def plan_segments(cfg: RunConfig) -> List[Segment]:
         for r in range(1, rounds + 1):
             segs.append(Segment(f"imp_round{r:02d}", "imp", t.epochs, "next_round", round=r))
         return segs
-    if not have:
+    if not have and p.method not in baselines.AT_INIT:  # SNIP/GraSP/SynFlow prune the initialisation
         segs.append(Segment("pretrain", "dense", pre))
-    if p.method in ("bip", "omp"):
+    if p.method in ("bip", "omp") + baselines.BASELINES:
         segs.append(Segment(p.method, p.method, t.epochs))
     elif p.method == "hydra":
         if p.hydra_score_epochs > 0:
@@ -466,6 +468,8 @@ class Trainer:
                 score_weight_decay=p.score_weight_decay, lr=t.lr, weight_decay=t.weight_decay,
                 momentum=t.momentum, total_steps=score_total, finetune_steps=t.epochs * self.steps_per_epoch,
                 n=p.nm_n, m=p.nm_m)
+        elif seg.kind in baselines.BASELINES:
+            alg = baselines.build(seg.kind, self.inner, cfg, self.steps_per_epoch, common)
         else:
             raise ValueError(f"segment kind {seg.kind!r} unknown")
         self.inner = alg.model
@@ -597,6 +601,8 @@ class Trainer:
                 self.alg.finetune(seg.epochs * self.steps_per_epoch)
             return
         self.alg = self._build_algorithm(seg)
+        if seg.kind in baselines.AT_INIT:  # the one-shot cut (a resume restores it from the checkpoint)
+            self.alg.prepare(baselines.score_batches(self.cfg, self.dataset))
         if seg.transition == "next_round":  # IMP from a pretrained model: round 1 right away
             self.alg.next_round()
         elif seg.transition == "finetune":  # Hydra without a score phase
