@@ -392,3 +392,53 @@ def test_cli_faults(tmp_path):
     r = cli("eval", "--checkpoint", run / "model.pt", "--data-dir", DATA, "--device", "cpu", "--subset", "64", "50",
             check=False)
     assert r.returncode == 2 and "corrupted" in r.stderr and r.stderr.count("\n") == 1
+
+
+def _start(*args):
+    import subprocess
+    import sys
+
+    from test_cli import ROOT
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "bip_fast", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def _wait_for(path, proc, timeout=300):
+    import time
+
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@needs_data
+def test_cli_interrupt_and_kill(tmp_path):
+    out = tmp_path / "run"
+    args = ("pretrain", *QUICK, "--epochs", "3", "--out", out)
+    # Ctrl-C before the first checkpoint: one line that says so, no traceback, nothing to resume
+    p = _start(*args)
+    _wait_for(out / "config.yaml", p)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and err.count("\n") == 1 and "no epoch had finished" in err, err
+    # the same command again (no --force needed), killed hard just after its first checkpoint
+    p = _start(*args)
+    _wait_for(out / "checkpoint.pt", p)
+    p.kill()
+    p.communicate(timeout=300)
+    assert (out / LOCK_NAME).exists()  # left by the killed run; stale, as nothing holds its flock
+    r = cli("pretrain", "--out", out, "--resume")
+    assert json.loads(r.stdout.strip().splitlines()[-1])["epochs"] == 3
+    assert not (out / LOCK_NAME).exists() and not list(out.glob(".*.tmp"))
+    # Ctrl-C of a resumed run: the checkpoint is named as kept
+    p = _start("pretrain", *QUICK, "--epochs", "3", "--out", tmp_path / "run2")
+    _wait_for(tmp_path / "run2" / "checkpoint.pt", p)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert "Traceback" not in err and err.count("\n") <= 1, err
+    if p.returncode == 130:
+        assert "checkpoint.pt' from the last finished epoch is kept" in err
