@@ -11,6 +11,12 @@ model here uses the stock layer classes and nothing that hides a weight from the
   and 1x1-conv + BatchNorm projection shortcuts; 11.17M parameters.
 - ``vgg16_bn``: VGG-16 with BatchNorm after every conv; for 32x32 inputs the five max-pools reduce
   the map to 1x1, and the classifier is a single ``Linear(512, num_classes)``; 14.73M parameters.
+- ``resnet50``: torchvision's ImageNet ResNet-50 (the paper's ImageNet model; 224x224 inputs),
+  25.56M parameters (1000 classes).
+- ``resnet18_64``: torchvision's ResNet-18 with a stem for 64x64 Tiny-ImageNet inputs: a 3x3
+  stride-1 first convolution and no max-pool (the CIFAR stem), so layer1 runs at 64x64.
+  Both keep torchvision's module names, hence its state_dict keys (``conv1``, ``layer1.0.conv1``,
+  ``fc``...), before and after ``sparsify``, and torchvision's initialisation.
 - ``tv_<name>``: ``torchvision.models.<name>(weights=None, num_classes=num_classes)``.
 
 Initialisation: convolutions Kaiming-normal (fan_out, ReLU gain), BatchNorm weight 1 / bias 0,
@@ -166,6 +172,22 @@ class VGG(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# torchvision ImageNet-layout models
+# --------------------------------------------------------------------------------------------
+
+def _tv_resnet(name: str, num_classes: int, small_stem: bool = False) -> nn.Module:
+    import torchvision.models as tvm
+
+    model = tvm.get_model(name, weights=None, num_classes=num_classes)
+    if small_stem:
+        conv = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        model.conv1 = conv
+        model.maxpool = nn.Identity()
+    return model
+
+
+# --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
 
@@ -177,6 +199,8 @@ _BUILDERS = {
     "resnet110": lambda k: CifarResNet(110, k),
     "resnet18": lambda k: ResNet18(k),
     "vgg16_bn": lambda k: VGG(_VGG16, k),
+    "resnet50": lambda k: _tv_resnet("resnet50", k),
+    "resnet18_64": lambda k: _tv_resnet("resnet18", k, small_stem=True),
 }
 ARCHS: tuple[str, ...] = tuple(_BUILDERS)
 TV_PREFIX = "tv_"
