@@ -276,6 +276,18 @@ def test_invalid_structure_touches_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_nm_on_a_depthwise_conv_names_the_layer(tmp_path):
+    def depthwise():
+        return nn.Sequential(nn.ConstantPad3d((0, 0, 0, 0, 0, 1), 0.0), nn.Conv2d(4, 8, 3, padding=1),
+                             nn.Conv2d(8, 8, 3, groups=8), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(8, 10))
+
+    with pytest.raises(ValueError, match=r"layer '2' \(weight \(8, 1, 3, 3\)\) has 9"):
+        Trainer(config(tmp_path / "run", method="bip", structure="nm", sparsity=0.5, pretrain_epochs=1, epochs=1),
+                dataset=synthetic(), model_fn=depthwise).run()
+    assert not (tmp_path / "run").exists()
+
+
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     ckpt.save_atomic({"w": torch.ones(3)}, tmp_path / "c.pt")
 

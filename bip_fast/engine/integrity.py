@@ -136,3 +136,23 @@ def check_same_run(stored: Mapping[str, Any], folder, what: str, file) -> None:
         if _norm(sec, key, a) != _norm(sec, key, b):
             raise ValueError(f"{what}: '{file}' records {key}={a!r} but '{yaml_path}' records {key}={b!r}; "
                              f"the files do not belong to one run")
+
+
+# --------------------------------------------------------------------------------------------
+# checks that need the model, run before the folder is touched
+# --------------------------------------------------------------------------------------------
+
+def check_nm_layers(model, n: int, m: int) -> None:
+    """N:M structure: every layer that will be masked needs an input dimension divisible by M
+    (a depthwise 3x3 conv has 9). Raises ValueError naming the first layer that has not."""
+    from ..nn import MASKED_TYPES
+    from ..nn.convert import _bypassed
+    from torch import nn
+
+    for name, mod in model.named_modules():
+        if not (isinstance(mod, MASKED_TYPES) or type(mod) in (nn.Conv2d, nn.Linear)) or _bypassed(model, name):
+            continue
+        k = mod.weight[0].numel()
+        if k % m:
+            raise ValueError(f"structure: {n}:{m} pruning needs every pruned layer's input dimension to divide by "
+                             f"{m}; layer {name!r} (weight {tuple(mod.weight.shape)}) has {k}")

@@ -682,6 +682,8 @@ class Trainer:
             elif cfg.model.pretrained:
                 sd, _ = _read_model_file(cfg.model.pretrained, "pretrained")
                 model = _load_state_into(model, sd, "pretrained", cfg.model.pretrained)
+            if cfg.command == "prune" and cfg.prune.structure == "nm":
+                integrity.check_nm_layers(model, cfg.prune.nm_n, cfg.prune.nm_m)
             self.inner = self._place(model)
             seg_i = 0
             self._enter(0)  # builds (and validates) the first algorithm before the folder is touched
