@@ -19,11 +19,12 @@ is initialised from the environment and only rank 0 writes files and prints.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import List, Optional
 
-from .engine.hparams import COMMANDS, RunConfig, add_flags, load_yaml
+from .engine.hparams import COMMANDS, DataHparams, RunConfig, add_flags, load_yaml
 
 __all__ = ["main", "build_parser"]
 
@@ -37,9 +38,10 @@ _HELP = {
 }
 # Flags that may differ from the checkpointed config on --resume.
 _RESUME_FREE = {"out", "resume", "force", "device", "progress", "config", "command", "nonfinite_skips"}
-# Flags eval/export use; any other flag would be silently ignored there, so it is refused.
-_READ_FLAGS = {"config", "command", "checkpoint", "out", "force", "arch", "device", "bf16", "seed", "progress",
-               "dataset", "data_dir", "subset", "test_batch_size", "channels_last"}
+# Flags eval/export use (the data flags but the training batch size, and these); any other flag
+# would be silently ignored there, so it is refused.
+_READ_FLAGS = {"config", "command", "checkpoint", "out", "force", "arch", "device", "bf16", "seed", "progress"} | \
+    {f.name for f in dataclasses.fields(DataHparams) if f.name != "batch_size"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -195,6 +195,9 @@ def test_nonfinite_skips_are_bounded(tmp_path):
     assert rec["skipped_steps"] == 1 and math.isfinite(rec["train_loss"]) and rep["epochs"] == 1
     with pytest.raises(DivergedError, match="step 1: non-finite loss"):
         poisoned(0).run()
+    resumed = Trainer(config(tmp_path / "run1", resume=True, nonfinite_skips=3), dataset=synthetic(),
+                      model_fn=tiny_model)
+    assert resumed.cfg.train.nonfinite_skips == 3
 
 
 # ----------------------------------------------------------------------------- 5-6. masked or named

@@ -131,7 +131,8 @@ class TrainHparams:
     sync_bn: bool = _f(False, "DDP on GPUs: SyncBatchNorm (batch statistics over the global batch)")
     log_interval: int = _f(50, "steps between device->host metric syncs (progress bar)")
     progress: bool = _f(True, "tqdm progress bars (shown on a terminal only)")
-    nonfinite_skips: int = _f(0, "steps with a NaN/inf loss or gradient to skip (no update) before the run stops")
+    nonfinite_skips: int = _f(0, "steps with a NaN/inf loss or gradient to skip (no update) before the run stops "
+                                 "(per session: --resume takes the value given with it)")
 
 
 SECTIONS = (("data", DataHparams), ("model", ModelHparams), ("prune", PruneHparams), ("train", TrainHparams))

@@ -350,7 +350,7 @@ class Trainer:
         self._resume_state = None
         if config.resume:
             # The run's own (resolved) config comes from its checkpoint; only the output folder,
-            # the device and the progress display may change on resume.
+            # the device, the progress display and the non-finite step budget may change on resume.
             if not config.out:
                 raise ValueError("out: resume needs --out DIR holding checkpoint.pt")
             check_out_dir(config.out, True, False)
@@ -361,6 +361,7 @@ class Trainer:
             stored = RunConfig.from_dict(state["config"])
             stored.out, stored.resume = config.out, True
             stored.train.device, stored.train.progress = config.train.device, config.train.progress
+            stored.train.nonfinite_skips = config.train.nonfinite_skips  # a policy of this session
             self._resume_state = state
             self.cfg = stored
         else:
