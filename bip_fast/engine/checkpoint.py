@@ -85,17 +85,17 @@ def save_atomic(obj, path) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     buf = io.BytesIO()
     torch.save(obj, buf)
-    data = integrity.seal(buf.getbuffer())
-    del buf
+    view = buf.getbuffer()
+    parts = (view[:-2], integrity.sealed_tail(view))  # the archive, its comment: no copy
     with defer_sigint():
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            _write_replace(data, path, directory)
+            _write_replace(parts, path, directory)
         except OSError as e:
             raise OSError(e.errno, f"writing '{path}' failed: {e.strerror or e}") from e
 
 
-def _write_replace(data: bytes, path: Path, directory: Path) -> None:
+def _write_replace(parts, path: Path, directory: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
         if os.name == "posix":  # mkstemp creates 0600; give the file the usual umask mode
@@ -103,7 +103,8 @@ def _write_replace(data: bytes, path: Path, directory: Path) -> None:
             os.umask(umask)
             os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in parts:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -24,7 +24,7 @@ import struct
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-__all__ = ["seal", "unseal", "status", "ChecksumError", "check_same_run", "RUN_IDENTITY"]
+__all__ = ["seal", "sealed_tail", "unseal", "status", "ChecksumError", "check_same_run", "RUN_IDENTITY"]
 
 _EOCD_SIG = b"PK\x05\x06"
 _EOCD_LEN = 22
@@ -49,17 +49,19 @@ def _eocd_offset(data) -> Optional[int]:
     return None
 
 
+def sealed_tail(data) -> bytes:
+    """The bytes that replace the last 2 of a ``torch.save`` archive (its zero comment length) to
+    seal it: the new comment length and the comment. ``data`` may be a memoryview (no copy)."""
+    at = _eocd_offset(data)
+    if at is None or at != len(data) - _EOCD_LEN:
+        raise ValueError("seal: expected a torch.save zip archive without a comment")
+    comment = _PREFIX + hashlib.sha256(data).hexdigest().encode()
+    return struct.pack("<H", len(comment)) + comment
+
+
 def seal(data: bytes) -> bytes:
     """``torch.save`` output -> the same archive carrying its SHA-256 as the zip comment."""
-    buf = bytearray(data)
-    at = _eocd_offset(buf)
-    if at is None or at != len(buf) - _EOCD_LEN:
-        raise ValueError("seal: expected a torch.save zip archive without a comment")
-    digest = hashlib.sha256(buf).hexdigest().encode()
-    comment = _PREFIX + digest
-    buf[at + 20:at + 22] = struct.pack("<H", len(comment))
-    buf += comment
-    return bytes(buf)
+    return bytes(data[:-2]) + sealed_tail(data)
 
 
 def _split(data):
