@@ -43,20 +43,23 @@ import shutil
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 try:
     from . import _common as C
+    from . import _speedup_report as R
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common as C  # type: ignore[no-redef]
+    import _speedup_report as R  # type: ignore[no-redef]
 
 import bip_fast
 from bip_fast.engine import checkpoint as ckpt
 from bip_fast.engine.data import BilevelLoader, load_dataset
 from bip_fast.engine.models import CifarResNet, build
+from bip_fast.pruning import get_algorithm
 
 # paper proportions (epochs of the paper's schedules, SPEC §4-5, engine/hparams.py)
 PAPER_DENSE_EPOCHS = 160
@@ -64,13 +67,25 @@ BIP_FRACTION = 100 / 160
 HYDRA_SCORE_FRACTION = 20 / 160
 HYDRA_FINETUNE_FRACTION = 100 / 160
 REWIND_FRACTION = 3 / 160
-IMP_RATE = 0.2
-TARGET_ROUNDS = (3, 6, 9)  # 0.8^r: 48.8%, 73.8%, 86.6% sparsity
+IMP_RATE = R.IMP_RATE
+TARGET_ROUNDS = R.TARGET_ROUNDS
 
 PRESETS: Dict[str, Dict[str, Any]] = {
-    # 2-core CPU: <= 10 minutes; one GPU: well under 3 minutes.
+    # 2-core CPU: <= 10 minutes; one GPU: well under 3 minutes. Not converged: a smoke run.
     "quick": {"arch": "resnet8", "train_subset": 4096, "test_subset": 2000, "dense_epochs": 6,
               "batch_size": 128, "seeds": 1},
+    # 2-core CPU, the equal-accuracy regime: a dense start that is converged (checked: 1.5x the
+    # dense steps gains < 0.5 points on the full test set), every method at 48.8/73.8/86.6%, 3 seeds,
+    # about 45 minutes per seed. Why these choices: with the standard crop+flip augmentation,
+    # ResNet-8 on 2,000-4,000 images still gains ~4 points from 1.5x more epochs at every budget
+    # that fits the hour per seed (augmented CIFAR needs 100+ epochs to converge), so IMP's nine
+    # retrainings would again be mostly more training. Without augmentation, 4,000 class-balanced
+    # images (400 per class) converge in 18 epochs (558 steps): 1.5x as many steps no longer helps.
+    # ResNet-8 (78k weights) is the largest CIFAR ResNet that runs ~950 images/s on 2 cores, so
+    # that IMP's 9 rounds (9 x 558 steps) plus every one-shot method fit the hour. The full
+    # 10,000-image test set is used for every accuracy (2,000 images alone carry ~1 point of noise).
+    "cpu": {"arch": "resnet8", "train_subset": 4000, "test_subset": None, "dense_epochs": 18,
+            "batch_size": 128, "augment": False, "seeds": 3, "eval_points": 4, "check_convergence": True},
     # one H100: about 20-25 minutes; run it in pieces with --max-minutes 9 --resume.
     "mid": {"arch": "resnet20", "train_subset": None, "test_subset": None, "dense_epochs": 16,
             "batch_size": 128, "seeds": 1},
@@ -78,11 +93,24 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {"arch": "resnet18", "train_subset": None, "test_subset": None, "dense_epochs": 160,
               "batch_size": 128, "seeds": 1},
 }
-METHODS = ("imp", "bip_alternating", "bip_fused", "bip_official", "omp", "hydra")
-BIP_METHODS = ("bip_alternating", "bip_fused", "bip_official")
-LABELS = {"imp": "IMP", "bip_alternating": "BiP (alternating)", "bip_fused": "BiP (fused)",
-          "bip_official": "BiP (official variant)", "omp": "OMP",
-          "hydra": "Hydra", "dense": "dense"}
+METHODS = ("imp", "bip_alternating", "bip_fused", "bip_official", "bip_paper", "omp", "hydra",
+           "gmp", "snip", "grasp", "synflow")
+AT_INIT = ("snip", "grasp", "synflow")  # pruned at the dense run's initialisation, then trained D steps
+SCORE_SAMPLES = {"snip": 128, "grasp": 100, "synflow": 1}  # SNIP one batch, GraSP 10 per class, SynFlow a shape
+BIP_METHODS = tuple(m for m in METHODS if m.startswith("bip"))
+LABELS = R.LABELS
+CONVERGENCE_FACTOR = 1.5  # the longer dense run of the convergence check
+PAPER_BIP_STEPS = 100 * 391  # the paper's BiP schedule: 100 epochs of 391 steps (CIFAR-10, batch 128)
+# BiP methods: constructor arguments (momentum 0.9 and total_steps are added by make_algorithm).
+PAPER_HPARAMS = {"variant": "paper", "schedule": "alternating", "lr": 0.01, "score_lr": 0.1, "gamma": 1.0,
+                 "weight_decay": 1e-4}
+BIP_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "bip_alternating": dict(PAPER_HPARAMS),
+    "bip_fused": dict(PAPER_HPARAMS, schedule="fused"),
+    # the authors' effective update (SPEC §6): both levels at the weight lr (0.1, cosine)
+    "bip_official": {"variant": "official", "lr": 0.1, "weight_decay": 1e-4, "lr2": 1e-4},
+    "bip_paper": dict(PAPER_HPARAMS),
+}
 
 
 class Stop(Exception):
@@ -132,10 +160,11 @@ def _batches(loader) -> Iterator:
 
 def _loader(ctx: Ctx, seed: int, bilevel: bool):
     d, bs = ctx.data, ctx.cfg["batch_size"]
-    lower = d.train_loader(bs, seed=1000 * seed + 1)
+    aug = ctx.cfg.get("augment", True)
+    lower = d.train_loader(bs, seed=1000 * seed + 1, augment=aug)
     if not bilevel:
         return lower
-    return BilevelLoader(lower, d.train_loader(bs, seed=1000 * seed + 2))
+    return BilevelLoader(lower, d.train_loader(bs, seed=1000 * seed + 2, augment=aug))
 
 
 @torch.no_grad()
@@ -177,12 +206,24 @@ def _run_path(ctx: Ctx, run_id: str) -> str:
     return os.path.join(ctx.runs_dir, f"{run_id}.json")
 
 
+def eval_points(total: int, n: Optional[int]) -> List[int]:
+    """``n`` evaluation steps evenly spread over a schedule of ``total`` steps (the last = ``total``)."""
+    if not n:
+        return [total]
+    return sorted({max(1, round(total * (i + 1) / n)) for i in range(n)})
+
+
 def execute(ctx: Ctx, run_id: str, alg, segments: List[Segment], seed: int, bilevel: bool,
-            extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Train ``alg`` through ``segments`` (resumable); returns {"train_seconds", "records", ...}."""
+            extra: Optional[Dict[str, Any]] = None, eval_at: Sequence[int] = ()) -> Dict[str, Any]:
+    """Train ``alg`` through ``segments`` (resumable); returns {"train_seconds", "records", "curve", ...}.
+
+    ``eval_at``: step counts (over all segments) after which the model is evaluated on the test
+    split; each evaluation appends {"step", "train_seconds", "test_acc"} to ``state["curve"]``
+    (evaluation time is not training time)."""
     ck_path = os.path.join(ctx.ckpt_dir, f"{run_id}.pt")
     loader = _loader(ctx, seed, bilevel)
-    state = {"seg": 0, "seg_step": 0, "train_seconds": 0.0, "records": [], "extra": extra or {}}
+    state = {"seg": 0, "seg_step": 0, "step": 0, "train_seconds": 0.0, "records": [], "curve": [],
+             "extra": extra or {}}
     if os.path.exists(ck_path):
         saved = ckpt.load(ck_path, map_location=ctx.device)
         alg.load_state_dict(saved["alg"])
@@ -190,7 +231,7 @@ def execute(ctx: Ctx, run_id: str, alg, segments: List[Segment], seed: int, bile
         state = saved["state"]
         C.log(f"[speedup] {run_id}: resumed at segment {state['seg']} step {state['seg_step']}")
     batches = _batches(loader)
-    chunk = ctx.steps_per_epoch
+    pending = sorted(set(int(e) for e in eval_at))
 
     def save():
         ckpt.save_atomic({"alg": alg.state_dict(), "loader": loader.state_dict(), "state": state}, ck_path)
@@ -200,9 +241,16 @@ def execute(ctx: Ctx, run_id: str, alg, segments: List[Segment], seed: int, bile
         if state["seg_step"] == 0 and seg.enter is not None:
             seg.enter(alg, state)
         while state["seg_step"] < seg.steps:
-            n = min(chunk, seg.steps - state["seg_step"])
+            n = min(ctx.steps_per_epoch, seg.steps - state["seg_step"])
+            nxt = next((e for e in pending if e > state["step"]), None)
+            if nxt is not None:
+                n = min(n, nxt - state["step"])
             state["train_seconds"] += _timed_steps(alg, batches, n, bilevel, ctx.device)
             state["seg_step"] += n
+            state["step"] += n
+            if state["step"] in pending:
+                state["curve"].append({"step": state["step"], "train_seconds": state["train_seconds"],
+                                       "test_acc": evaluate(alg.model, ctx)})
             if state["seg_step"] < seg.steps:
                 save()
                 if ctx.out_of_time():
@@ -250,39 +298,51 @@ def _load_result(ctx: Ctx, run_id: str) -> Optional[Dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 # dense pretraining (cached by config hash)
 # --------------------------------------------------------------------------------------------
-def pretrain_key(ctx: Ctx, seed: int) -> Dict[str, Any]:
+def pretrain_key(ctx: Ctx, seed: int, factor: float = 1.0) -> Dict[str, Any]:
     c = ctx.cfg
-    return {"arch": c["arch"], "train_subset": c["train_subset"], "test_subset": c["test_subset"],
-            "dense_steps": ctx.D, "batch_size": c["batch_size"], "lr": 0.1, "weight_decay": 5e-4,
-            "momentum": 0.9, "rewind_step": ctx.steps["rewind"], "seed": seed, "device": ctx.device.type,
-            "data_seed": 0, "format": 1}
+    key = {"arch": c["arch"], "train_subset": c["train_subset"], "test_subset": c["test_subset"],
+           "dense_steps": round(factor * ctx.D), "batch_size": c["batch_size"], "lr": 0.1, "weight_decay": 5e-4,
+           "momentum": 0.9, "rewind_step": ctx.steps["rewind"], "seed": seed, "device": ctx.device.type,
+           "data_seed": 0, "format": 1}
+    for k in ("eval_points", "augment"):
+        if k in c:
+            key[k] = c[k]
+    return key
 
 
-def pretrain(ctx: Ctx, seed: int) -> Dict[str, Any]:
-    key = pretrain_key(ctx, seed)
+def pretrain(ctx: Ctx, seed: int, factor: float = 1.0) -> Dict[str, Any]:
+    """Dense training for ``factor`` x D steps (cosine over all of them), cached by config hash.
+
+    Returns {"final", "rewind", "test_acc", "train_seconds", "curve", "steps", ...}; the curve
+    holds test accuracies at ``eval_points`` even fractions of the schedule."""
+    key = pretrain_key(ctx, seed, factor)
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     os.makedirs(ctx.args.cache_dir, exist_ok=True)
     path = os.path.join(ctx.args.cache_dir, f"pretrained-{h}.pt")
+    what = "dense pretraining" if factor == 1.0 else f"dense training x{factor:g} (convergence check)"
     if os.path.exists(path):
         obj = ckpt.load(path, map_location=ctx.device)
-        C.log(f"[speedup] dense pretraining seed {seed}: cached {path}")
+        C.log(f"[speedup] {what} seed {seed}: cached {path}")
         return obj
+    steps = key["dense_steps"]
     torch.manual_seed(seed)
     model = _build(ctx.cfg["arch"]).to(ctx.device)
-    alg = bip_fast.Dense(model, lr=0.1, momentum=0.9, weight_decay=5e-4, total_steps=ctx.D)
-    _warmup(ctx, "dense", lambda: bip_fast.Dense(copy.deepcopy(model), total_steps=ctx.D), False)
+    alg = bip_fast.Dense(model, lr=0.1, momentum=0.9, weight_decay=5e-4, total_steps=steps)
+    _warmup(ctx, "dense", lambda: bip_fast.Dense(copy.deepcopy(model), total_steps=steps), False)
     run_id = f"pretrain-{h}"
 
     def snap(a, state):
         state["extra"]["rewind"] = {k: v.detach().clone() for k, v in a.model.state_dict().items()}
 
     segs = [Segment("dense_to_rewind", ctx.steps["rewind"], end=snap),
-            Segment("dense", ctx.D - ctx.steps["rewind"])]
-    C.log(f"[speedup] dense pretraining seed {seed}: {ctx.D} steps")
-    state = execute(ctx, run_id, alg, segs, seed, False)
-    obj = {"key": key, "final": {k: v.detach().clone() for k, v in alg.model.state_dict().items()},
-           "rewind": state["extra"]["rewind"], "test_acc": evaluate(alg.model, ctx),
-           "train_seconds": state["train_seconds"]}
+            Segment("dense", steps - ctx.steps["rewind"])]
+    C.log(f"[speedup] {what} seed {seed}: {steps} steps")
+    state = execute(ctx, run_id, alg, segs, seed, False, eval_at=eval_points(steps, ctx.cfg.get("eval_points")))
+    obj = {"key": key, "seed": seed, "factor": factor, "steps": steps,
+           "final": {k: v.detach().clone() for k, v in alg.model.state_dict().items()},
+           "rewind": state["extra"]["rewind"], "test_acc": state["curve"][-1]["test_acc"],
+           "curve": state["curve"], "train_seconds": state["train_seconds"]}
+    C.log(f"[speedup] {what} seed {seed}: acc {obj['test_acc']:.4f} {obj['train_seconds']:.1f}s")
     ckpt.save_atomic(obj, path)
     return obj
 
@@ -343,170 +403,110 @@ def run_imp(ctx: Ctx, seed: int, pre: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-def run_one_shot(ctx: Ctx, method: str, target_round: int, seed: int, pre: Dict[str, Any]) -> Dict[str, Any]:
+def bip_kwargs(method: str, steps: int) -> Dict[str, Any]:
+    """BiP constructor arguments of a BiP method of this benchmark (``steps`` = its schedule length)."""
+    kw = dict(BIP_CONFIGS[method])
+    rule = kw.pop("score_lr_rule", None)
+    if rule == "paper_product":
+        # keep the paper's product of score learning rate and steps (0.1 x 100 epochs of 391 steps)
+        kw["score_lr"] = kw["score_lr"] * PAPER_BIP_STEPS / steps
+    return kw
+
+
+def make_algorithm(ctx: Ctx, method: str, model: torch.nn.Module, sparsity: float,
+                   overrides: Optional[Dict[str, Any]] = None):
+    """The algorithm object of a one-shot ``method`` at ``sparsity`` with this preset's schedule."""
+    st = ctx.steps
+    if method in BIP_CONFIGS:
+        kw = dict(bip_kwargs(method, st["bip"]), momentum=0.9, total_steps=st["bip"])
+        kw.update(overrides or {})
+        return bip_fast.BiP(model, sparsity, **kw)
+    if method == "omp":
+        return bip_fast.OMP(model, sparsity, lr=0.1, momentum=0.9, weight_decay=5e-4, total_steps=st["omp"])
+    if method == "hydra":
+        return bip_fast.Hydra(model, sparsity, score_lr=0.1, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                              total_steps=st["hydra_score"], finetune_steps=st["hydra_finetune"])
+    common = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, total_steps=st["omp"])
+    if method == "gmp":
+        # cubic ramp over the first half of the schedule, ~10 pruning events, then finetuning
+        return bip_fast.GMP(model, sparsity, prune_every=max(1, st["omp"] // 20), **common)
+    if method in AT_INIT:
+        return get_algorithm(method)(model, sparsity, **common)
+    raise ValueError(f"method: unknown method {method!r}")
+
+
+def method_segments(ctx: Ctx, method: str) -> List[Segment]:
+    st = ctx.steps
+    if method.startswith("bip"):
+        return [Segment("bip", st["bip"])]
+    if method == "omp":
+        return [Segment("omp", st["omp"])]
+    if method == "hydra":
+        return [Segment("hydra_score", st["hydra_score"]),
+                Segment("hydra_finetune", st["hydra_finetune"], enter=lambda a, s: a.finetune())]
+    if method == "gmp":
+        return [Segment("gmp", st["omp"])]
+    if method in AT_INIT:
+        def cut(alg, state):  # the scores and the cut count as training time
+            batch = next(iter(ctx.data.train_loader(SCORE_SAMPLES[method], seed=7, augment=False)))
+            C.synchronize(ctx.device)
+            t0 = time.perf_counter()
+            alg.prepare([batch])
+            C.synchronize(ctx.device)
+            state["train_seconds"] += time.perf_counter() - t0
+        return [Segment("train", st["omp"], enter=cut)]
+    raise ValueError(f"method: unknown method {method!r}")
+
+
+def run_one_shot(ctx: Ctx, method: str, target_round: int, seed: int, pre: Dict[str, Any],
+                 run_id: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
+                 segments: Optional[List[Segment]] = None) -> Dict[str, Any]:
     sparsity = 1.0 - (1.0 - IMP_RATE) ** target_round
-    run_id = f"{method}-r{target_round}-seed{seed}"
+    run_id = run_id or f"{method}-r{target_round}-seed{seed}"
     done = _load_result(ctx, run_id)
     if done is not None:
         return done
     bilevel = method.startswith("bip")
-    st = ctx.steps
 
     def make():
-        model = _model_from(ctx, pre["final"])
-        if method == "bip_official":
-            # The authors' effective update (SPEC §6): both levels at the weight lr (0.1, cosine).
-            return bip_fast.BiP(model, sparsity, variant="official", lr=0.1, momentum=0.9, weight_decay=1e-4,
-                                lr2=1e-4, total_steps=st["bip"])
-        if bilevel:
-            return bip_fast.BiP(model, sparsity, schedule=method.split("_", 1)[1], lr=0.01, score_lr=0.1,
-                                momentum=0.9, weight_decay=1e-4, gamma=1.0, total_steps=st["bip"])
-        if method == "omp":
-            return bip_fast.OMP(model, sparsity, lr=0.1, momentum=0.9, weight_decay=5e-4, total_steps=st["omp"])
-        return bip_fast.Hydra(model, sparsity, score_lr=0.1, lr=0.01, momentum=0.9, weight_decay=5e-4,
-                              total_steps=st["hydra_score"], finetune_steps=st["hydra_finetune"])
+        if method in AT_INIT:
+            torch.manual_seed(seed)  # the dense run's initialisation (pretrain seeds the same way)
+            model = _build(ctx.cfg["arch"]).to(ctx.device)
+        else:
+            model = _model_from(ctx, pre["final"])
+        return make_algorithm(ctx, method, model, sparsity, overrides)
 
-    _warmup(ctx, method, make, bilevel)
+    def make_warm():
+        a = make()
+        if method in AT_INIT:
+            a.prepare([next(iter(ctx.data.train_loader(SCORE_SAMPLES[method], seed=7, augment=False)))])
+        return a
+
+    _warmup(ctx, method, make_warm, bilevel)
     alg = make()
-    if bilevel:
-        segs = [Segment("bip", st["bip"])]
-    elif method == "omp":
-        segs = [Segment("omp", st["omp"])]
-    else:
-        segs = [Segment("hydra_score", st["hydra_score"]),
-                Segment("hydra_finetune", st["hydra_finetune"], enter=lambda a, s: a.finetune())]
-    C.log(f"[speedup] {method} sparsity {sparsity:.4f} seed {seed}: {sum(s.steps for s in segs)} steps")
-    state = execute(ctx, run_id, alg, segs, seed, bilevel)
+    segs = segments or method_segments(ctx, method)
+    total = sum(s.steps for s in segs)
+    C.log(f"[speedup] {run_id} sparsity {sparsity:.4f}: {total} steps")
+    extra = {"initial_masks": [m.detach().clone() for m in alg.masks()]}
+    state = execute(ctx, run_id, alg, segs, seed, bilevel, extra=extra,
+                    eval_at=eval_points(total, ctx.cfg.get("eval_points")))
     result = {"method": method, "seed": seed, "target_round": target_round, "target_sparsity": sparsity,
-              "sparsity": alg.sparsity(), "test_acc": evaluate(alg.model, ctx),
-              "train_seconds": state["train_seconds"]}
-    C.log(f"[speedup] {method} r{target_round} seed {seed}: sparsity {result['sparsity']:.4f} "
+              "sparsity": alg.sparsity(), "test_acc": state["curve"][-1]["test_acc"],
+              "train_seconds": state["train_seconds"], "steps": total, "curve": state["curve"],
+              "overrides": overrides or {}}
+    if "initial_masks" in state["extra"]:
+        result["mask_change"] = mask_change(state["extra"]["initial_masks"], alg.masks())
+    C.log(f"[speedup] {run_id}: sparsity {result['sparsity']:.4f} "
           f"acc {result['test_acc']:.4f} {result['train_seconds']:.1f}s")
     _save_result(ctx, run_id, result)
     return result
 
 
-# --------------------------------------------------------------------------------------------
-# aggregation, table, plots
-# --------------------------------------------------------------------------------------------
-def _ms(xs: List[float]) -> Tuple[float, Optional[float]]:
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
-
-
-def aggregate(results: Dict[str, List[Dict[str, Any]]], seeds: List[int]) -> List[Dict[str, Any]]:
-    rows: List[Dict[str, Any]] = []
-    for r in TARGET_ROUNDS:
-        target = 1.0 - (1.0 - IMP_RATE) ** r
-        per: Dict[str, Dict[str, Any]] = {}
-        imp = [rec for res in results.get("imp", []) for rec in res["records"] if rec["round"] == r]
-        if imp:
-            per["imp"] = {"schedule": f"{r} rounds", "sp": [x["sparsity"] for x in imp],
-                          "acc": [x["test_acc"] for x in imp], "sec": [x["cum_train_seconds"] for x in imp]}
-        for m in METHODS[1:]:
-            got = [x for x in results.get(m, []) if x["target_round"] == r]
-            if got:
-                sched = {"bip_alternating": "alternating", "bip_fused": "fused", "bip_official": "alternating",
-                         "omp": "one-shot",
-                         "hydra": "score+finetune"}[m]
-                per[m] = {"schedule": sched, "sp": [x["sparsity"] for x in got], "acc": [x["test_acc"] for x in got],
-                          "sec": [x["train_seconds"] for x in got]}
-        imp_sec = statistics.mean(per["imp"]["sec"]) if "imp" in per else None
-        for m in METHODS:
-            if m not in per:
-                continue
-            p = per[m]
-            acc, acc_std = _ms(p["acc"])
-            sec = statistics.mean(p["sec"])
-            rows.append({"method": m, "schedule": p["schedule"], "target_sparsity": target,
-                         "sparsity": statistics.mean(p["sp"]), "test_acc": acc, "test_acc_std": acc_std,
-                         "n_seeds": len(p["acc"]), "train_seconds": sec,
-                         "imp_time_ratio": (imp_sec / sec) if imp_sec else None})
-    return rows
-
-
-def verdicts(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per target and BiP schedule: speedup over IMP and accuracy vs IMP's mean minus one std."""
-    out = []
-    need = {3: 3.0, 9: 10.0}  # the issue's targets: >= 3x at ~49%, >= 10x at ~87%
-    for r in TARGET_ROUNDS:
-        t = 1.0 - (1.0 - IMP_RATE) ** r
-        imp = next((x for x in rows if x["method"] == "imp" and abs(x["target_sparsity"] - t) < 1e-9), None)
-        for m in BIP_METHODS:
-            b = next((x for x in rows if x["method"] == m and abs(x["target_sparsity"] - t) < 1e-9), None)
-            if imp is None or b is None:
-                continue
-            std = imp["test_acc_std"]
-            if b["test_acc"] >= imp["test_acc"]:
-                acc_v = "better or equal"
-            elif std is not None and b["test_acc"] >= imp["test_acc"] - std:
-                acc_v = "within one std"
-            elif std is None:
-                acc_v = "worse (single seed, no std)"
-            else:
-                acc_v = "worse by more than one std"
-            v = {"target_sparsity": t, "method": m, "speedup": b["imp_time_ratio"],
-                 "speedup_target": need.get(r), "acc_delta": b["test_acc"] - imp["test_acc"],
-                 "imp_acc_std": std, "accuracy_verdict": acc_v}
-            v["speedup_passed"] = None if r not in need else bool(b["imp_time_ratio"] >= need[r])
-            v["accuracy_passed"] = acc_v in ("better or equal", "within one std")
-            out.append(v)
-    return out
-
-
-def table(rows: List[Dict[str, Any]], dense: Dict[str, Any]) -> str:
-    head = ["target sparsity", "method", "schedule", "sparsity", "test acc %", "train s", "IMP time / method time"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    std = f" ± {100 * dense['acc_std']:.2f}" if dense.get("acc_std") is not None else ""
-    lines.append(f"| 0% | dense (pretraining, start of all) | {dense['epochs']} epochs | 0.0000 | "
-                 f"{100 * dense['acc']:.2f}{std} | {dense['seconds']:.1f} (not counted) | |")
-    for r in rows:
-        s = f" ± {100 * r['test_acc_std']:.2f}" if r["test_acc_std"] is not None else ""
-        ratio = "" if r["imp_time_ratio"] is None else f"{r['imp_time_ratio']:.2f}x"
-        lines.append(f"| {100 * r['target_sparsity']:.1f}% | {LABELS[r['method']]} | {r['schedule']} | "
-                     f"{r['sparsity']:.4f} | {100 * r['test_acc']:.2f}{s} | {r['train_seconds']:.1f} | {ratio} |")
-    return "\n".join(lines)
-
-
-def plots(ctx: Ctx, rows, results, dense, title: str) -> List[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    imp_curve = {}
-    for res in results.get("imp", []):
-        for rec in res["records"]:
-            imp_curve.setdefault(rec["round"], []).append((rec["sparsity"], rec["test_acc"], rec["cum_train_seconds"]))
-    imp_pts = [(statistics.mean(a for a, _, _ in v), statistics.mean(b for _, b, _ in v),
-                statistics.mean(c for _, _, c in v)) for _, v in sorted(imp_curve.items())]
-    for kind, ylabel, fname in (("time", "training time (s, log scale)", "time_vs_sparsity.png"),
-                                ("acc", "test accuracy (%)", "accuracy_vs_sparsity.png")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        if imp_pts:
-            ax.plot([100 * p[0] for p in imp_pts], [p[2] if kind == "time" else 100 * p[1] for p in imp_pts],
-                    "o-", label="IMP (all rounds)")
-        for m in METHODS[1:]:
-            pts = [r for r in rows if r["method"] == m]
-            if pts:
-                ax.plot([100 * r["sparsity"] for r in pts],
-                        [r["train_seconds"] if kind == "time" else 100 * r["test_acc"] for r in pts], "s-",
-                        label=LABELS[m])
-        if kind == "time":
-            ax.set_yscale("log")
-            ax.axhline(dense["seconds"], color="gray", ls="--", lw=1, label="dense pretraining (not counted)")
-        else:
-            ax.axhline(100 * dense["acc"], color="gray", ls="--", lw=1, label="dense")
-        ax.set_xlabel("sparsity (%)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = os.path.join(ctx.out, fname)
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
-    return paths
+def mask_change(before: List[torch.Tensor], after: List[torch.Tensor]) -> float:
+    """Fraction of the kept entries of ``after`` that were not kept in ``before``."""
+    kept = sum(int(a.sum()) for a in after)
+    new = sum(int(((a > 0) & (b == 0)).sum()) for a, b in zip(after, before))
+    return new / max(kept, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,6 +516,43 @@ def _device(arg: str) -> torch.device:
     if arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(arg)
+
+
+def setup(args, cfg, device: torch.device):
+    """Output folder, data and context of a run of ``cfg`` (a preset name or dict); (None, ...) on
+    bad input (the reason is printed). Without ``args.resume`` the folder's runs are cleared;
+    with it, the folder must hold runs of the very same configuration."""
+    cfg = dict(PRESETS[cfg]) if isinstance(cfg, str) else cfg
+    args.cache_dir = args.cache_dir or os.path.join(C.RESULTS_DIR, "cache")
+    data_dir = args.data_dir or os.environ.get("BIP_FAST_DATA")
+    subset = None if cfg["train_subset"] is None and cfg["test_subset"] is None else (cfg["train_subset"],
+                                                                                    cfg["test_subset"])
+    try:
+        data = load_dataset("cifar10", data_dir=data_dir, device=device, subset=subset, seed=0)
+    except FileNotFoundError as e:
+        print(f"CIFAR-10 not found and not downloadable: {e}\nPoint --data-dir (or the BIP_FAST_DATA environment "
+              f"variable) at a folder holding cifar-10-batches-py.", file=sys.stderr)
+        return None, cfg, data_dir
+    cfg["train_samples"], cfg["test_samples"] = int(data.train_x.shape[0]), int(data.test_x.shape[0])
+    ctx = Ctx(args, cfg, device, data)
+    # Finished runs are reused by --resume only under the very same configuration.
+    fingerprint = {k: cfg[k] for k in sorted(cfg)}
+    fingerprint.update(device=device.type, steps=ctx.steps)
+    fp_path = os.path.join(args.out, "config.json")
+    if args.resume and os.path.exists(fp_path):
+        with open(fp_path) as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(fingerprint)):
+            print(f"--resume: {args.out} holds runs of another configuration ({old}); use another --out or "
+                  f"drop --resume to start over", file=sys.stderr)
+            return None, cfg, data_dir
+    if not args.resume:
+        for sub in ("runs", "ckpt"):
+            shutil.rmtree(os.path.join(args.out, sub), ignore_errors=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(fp_path, "w") as f:
+        json.dump(fingerprint, f, indent=1)
+    return ctx, cfg, data_dir
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -553,38 +590,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             p.error(f"--methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
     if "imp" not in methods:
         methods = ["imp"] + methods  # every ratio is against IMP
-    slug = C.device_slug(device)
-    args.out = args.out or os.path.join(C.RESULTS_DIR, f"speedup-{slug}-{args.preset}")
-    args.cache_dir = args.cache_dir or os.path.join(C.RESULTS_DIR, "cache")
-    if not args.resume:
-        for sub in ("runs", "ckpt"):
-            shutil.rmtree(os.path.join(args.out, sub), ignore_errors=True)
-    os.makedirs(args.out, exist_ok=True)
-
-    data_dir = args.data_dir or os.environ.get("BIP_FAST_DATA")
-    subset = None if cfg["train_subset"] is None and cfg["test_subset"] is None else (cfg["train_subset"],
-                                                                                    cfg["test_subset"])
-    try:
-        data = load_dataset("cifar10", data_dir=data_dir, device=device, subset=subset, seed=0)
-    except FileNotFoundError as e:
-        print(f"CIFAR-10 not found and not downloadable: {e}\nPoint --data-dir (or the BIP_FAST_DATA environment "
-              f"variable) at a folder holding cifar-10-batches-py.", file=sys.stderr)
+    args.out = args.out or os.path.join(C.RESULTS_DIR, f"speedup-{C.device_slug(device)}-{args.preset}")
+    ctx, cfg, data_dir = setup(args, cfg, device)
+    if ctx is None:
         return 2
-    cfg["train_samples"], cfg["test_samples"] = int(data.train_x.shape[0]), int(data.test_x.shape[0])
-    ctx = Ctx(args, cfg, device, data)
-    # Finished runs are reused by --resume only under the very same configuration.
-    fingerprint = {k: cfg[k] for k in sorted(cfg)}
-    fingerprint.update(device=device.type, steps=ctx.steps)
-    fp_path = os.path.join(args.out, "config.json")
-    if args.resume and os.path.exists(fp_path):
-        with open(fp_path) as f:
-            old = json.load(f)
-        if old != json.loads(json.dumps(fingerprint)):
-            print(f"--resume: {args.out} holds runs of another configuration ({old}); use another --out or "
-                  f"drop --resume to start over", file=sys.stderr)
-            return 2
-    with open(fp_path, "w") as f:
-        json.dump(fingerprint, f, indent=1)
     seeds = list(range(cfg["seeds"]))
     factor = cfg["dense_epochs"] / PAPER_DENSE_EPOCHS
     st = ctx.steps
@@ -600,53 +609,85 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
 
     results: Dict[str, List[Dict[str, Any]]] = {}
-    dense_info = {"epochs": cfg["dense_epochs"], "acc": [], "seconds": []}
+    dense_runs: List[Dict[str, Any]] = []
+    long_runs: List[Dict[str, Any]] = []
     stopped = None
     try:
+        pres = {}
         for seed in seeds:
-            pre = pretrain(ctx, seed)
-            dense_info["acc"].append(pre["test_acc"])
-            dense_info["seconds"].append(pre["train_seconds"])
-            for m in methods:
+            pres[seed] = pre = pretrain(ctx, seed)
+            dense_runs.append({"seed": seed, "test_acc": pre["test_acc"], "train_seconds": pre["train_seconds"],
+                               "curve": pre.get("curve")})
+            if cfg.get("check_convergence") and seed == seeds[0]:
+                lg = pretrain(ctx, seed, CONVERGENCE_FACTOR)
+                long_runs.append({"seed": seed, "test_acc": lg["test_acc"], "steps": lg.get("steps"),
+                                  "factor": CONVERGENCE_FACTOR, "curve": lg.get("curve")})
+        # method by method over all seeds, so that an interrupted run leaves whole methods behind
+        for m in methods:
+            for seed in seeds:
                 if m == "imp":
-                    results.setdefault("imp", []).append(run_imp(ctx, seed, pre))
+                    results.setdefault("imp", []).append(run_imp(ctx, seed, pres[seed]))
                 else:
                     for r in TARGET_ROUNDS:
-                        results.setdefault(m, []).append(run_one_shot(ctx, m, r, seed, pre))
+                        results.setdefault(m, []).append(run_one_shot(ctx, m, r, seed, pres[seed]))
     except Stop as s:
         stopped = str(s)
-    dense = {"epochs": cfg["dense_epochs"], "acc": statistics.mean(dense_info["acc"]) if dense_info["acc"] else 0.0,
-             "acc_std": statistics.stdev(dense_info["acc"]) if len(dense_info["acc"]) > 1 else None,
-             "seconds": statistics.mean(dense_info["seconds"]) if dense_info["seconds"] else 0.0}
-    rows = aggregate(results, seeds)
-    checks = verdicts(rows)
-    print(table(rows, dense))
+    accs = [d["test_acc"] for d in dense_runs]
+    dense = {"epochs": cfg["dense_epochs"], "acc": statistics.mean(accs) if accs else 0.0,
+             "acc_std": statistics.stdev(accs) if len(accs) > 1 else None, "acc_per_seed": accs,
+             "seconds": statistics.mean(d["train_seconds"] for d in dense_runs) if dense_runs else 0.0}
+    if cfg.get("check_convergence"):
+        conv = R.convergence(dense_runs, long_runs)
+        dense.update(converged=conv["converged"], convergence=conv)
+    rows = R.aggregate(results, methods)
+    checks = R.verdicts(rows, methods)
+    tickets = R.winning_tickets(rows, results, dense["acc"], methods) if dense_runs else {}
+    print(R.table(rows, dense))
     print()
+    if "converged" in dense:
+        c = dense["convergence"]
+        fmt = (lambda x: "n/a" if x is None else f"{x:+.2f}")
+        print(f"- dense start converged: {c['converged']} (last quarter {fmt(c['last_quarter_gain_points'])} points, "
+              f"x{CONVERGENCE_FACTOR:g} steps {fmt(c['longer_training_gain_points'])} points; {c['criterion']})")
     for v in checks:
         sp = "" if v["speedup_target"] is None else (
             f" (target >= {v['speedup_target']:g}x: {'pass' if v['speedup_passed'] else 'FAIL'})")
+        eq = "never reached" if v["speedup_at_imp_accuracy"] is None else f"{v['speedup_at_imp_accuracy']:.2f}x"
         std = "n/a" if v["imp_acc_std"] is None else f"{100 * v['imp_acc_std']:.2f}"
-        print(f"- {100 * v['target_sparsity']:.1f}%: {LABELS[v['method']]} is {v['speedup']:.2f}x faster than IMP{sp}; "
-              f"accuracy {100 * v['acc_delta']:+.2f} points vs IMP (IMP std {std}): {v['accuracy_verdict']}")
+        print(f"- {100 * v['target_sparsity']:.1f}%: {R.label(v['method'])}: speedup at IMP's accuracy {eq}{sp}, "
+              f"fixed budget {v['fixed_budget_speedup']:.2f}x; accuracy {100 * v['acc_delta']:+.2f} points vs IMP "
+              f"(IMP std {std}): {v['accuracy_verdict']}")
+    if tickets:
+        print()
+        print(R.tickets_table(tickets, dense["acc"]))
     if stopped:
         print(f"\nstopped after --max-minutes {args.max_minutes} during run {stopped}; partial results above. "
               f"Rerun with --resume to continue.")
     title = f"{cfg['arch']}, CIFAR-10 {cfg['train_samples']} imgs, {args.preset}, {C.device_name(device)}"
-    pngs = plots(ctx, rows, results, dense, title) if rows else []
+    pngs = R.plots(ctx.out, rows, results, dense, title, methods) if rows else []
     path = args.json or os.path.join(args.out, "speedup.json")
     config = dict(cfg, preset=args.preset, device=str(device), methods=methods, steps=st, schedule_factor=factor,
-                  targets=[1.0 - (1.0 - IMP_RATE) ** r for r in TARGET_ROUNDS], data_dir=str(data_dir),
+                  targets=[R.target_sparsity(r) for r in TARGET_ROUNDS], data_dir=str(data_dir),
                   cache_dir=args.cache_dir, hparams={
                       "dense/imp/omp": {"lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9, "schedule": "cosine"},
-                      "bip": {"lr": 0.01, "score_lr": 0.1, "gamma": 1.0, "weight_decay": 1e-4, "schedule": "cosine"},
+                      **{m: dict(bip_kwargs(m, st["bip"]), momentum=0.9, schedule_lr="cosine")
+                         for m in methods if m in BIP_CONFIGS},
                       "hydra": {"score_lr": 0.1, "score_weight_decay": 5e-4, "lr": 0.01, "weight_decay": 5e-4,
                                 "structure": "layer"},
+                      "gmp/snip/grasp/synflow": {"lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9,
+                                                 "schedule": "cosine", "gmp_prune_every": max(1, st["omp"] // 20),
+                                                 "score_samples": SCORE_SAMPLES,
+                                                 "init": "snip/grasp/synflow prune the dense run's initialisation"},
                       "imp": {"rate": IMP_RATE, "rewind_step": st["rewind"]}},
-                  timing="training steps only, device synchronised; dense pretraining not counted for any method")
+                  timing="training steps only, device synchronised; evaluation excluded; dense pretraining not "
+                         "counted for any method")
     C.write_json(path, benchmark="speedup", env=env, config=config, rows=[], extra={
-        "rows": rows, "verdicts": checks, "dense": dense, "complete": stopped is None, "stopped_in": stopped,
-        "imp_rounds": [rec for res in results.get("imp", []) for rec in res["records"]],
+        "rows": rows, "verdicts": checks, "dense": dense, "winning_tickets": tickets,
+        "complete": stopped is None, "stopped_in": stopped,
+        "imp_rounds": [dict(rec, seed=res["seed"]) for res in results.get("imp", []) for rec in res["records"]],
         "plots": pngs, "wall_seconds": time.monotonic() - t_start,
+        "continue_command": f"python benchmarks/speedup.py --preset {args.preset} --resume"
+                            + ("" if args.max_minutes is None else f" --max-minutes {args.max_minutes:g}"),
         "summary": {"rows": len(rows), "complete": stopped is None}})
     print(f"\nwrote {path}" + "".join(f"\nwrote {q}" for q in pngs))
     print(f"wall-clock {time.monotonic() - t_start:.0f} s")
