@@ -48,11 +48,14 @@ def label(method: str) -> str:
 def convergence(dense_runs: Sequence[Dict[str, Any]], long_runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """The dense start is converged when training longer does not pay.
 
-    Criterion (both, in accuracy points on the full test set):
-    1. the last quarter of the dense schedule gains less than 0.5 points (mean over seeds of
-       acc(D) - acc(0.75 D), read off each dense run's curve);
-    2. a run with 50% more dense training (1.5 D steps, same cosine schedule stretched) gains
-       less than 0.5 points over the D-step run of the same seed (mean over the seeds that have one).
+    Criterion: a dense run with 50% more steps (1.5 D, the same cosine schedule stretched) gains
+    less than 0.5 accuracy points over the D-step run of the same seed, on the full test set
+    (mean over the seeds that have both runs; each seed's gain is recorded too).
+
+    Also recorded, as evidence but not as a criterion: the gain of the last quarter of each dense
+    run, acc(D) - acc(0.75 D). Under a cosine schedule the last quarter is where the learning rate
+    anneals (from 15% of its peak to 0), and annealing raises accuracy by a few points whether or
+    not the schedule is long enough, so that gain measures the annealing, not convergence.
     """
     quarter = []
     for run in dense_runs:
@@ -65,13 +68,13 @@ def convergence(dense_runs: Sequence[Dict[str, Any]], long_runs: Sequence[Dict[s
     longer = [100.0 * (r["test_acc"] - by_seed[r["seed"]]) for r in long_runs if r["seed"] in by_seed]
     q = statistics.mean(quarter) if quarter else None
     g = statistics.mean(longer) if longer else None
-    ok = q is not None and g is not None and q < CONVERGENCE_POINTS and g < CONVERGENCE_POINTS
-    return {"converged": bool(ok),
-            "criterion": f"last quarter of the dense schedule gains < {CONVERGENCE_POINTS} points and 1.5x the "
-                         f"dense steps gains < {CONVERGENCE_POINTS} points (means over seeds, full test set)",
-            "last_quarter_gain_points": q, "last_quarter_gain_per_seed": quarter,
+    return {"converged": bool(g is not None and g < CONVERGENCE_POINTS),
+            "criterion": f"1.5x the dense steps (same cosine schedule, stretched) gains < {CONVERGENCE_POINTS} "
+                         f"points on the full test set (mean over seeds)",
             "longer_training_gain_points": g, "longer_training_gain_per_seed": longer,
             "longer_training_factor": long_runs[0].get("factor") if long_runs else None,
+            "last_quarter_gain_points": q, "last_quarter_gain_per_seed": quarter,
+            "last_quarter_note": "evidence only: the last quarter of a cosine schedule is its annealing",
             "dense_curves": [{"seed": r["seed"], "curve": r.get("curve")} for r in dense_runs],
             "long_runs": [{"seed": r["seed"], "test_acc": r["test_acc"], "steps": r.get("steps"),
                            "curve": r.get("curve")} for r in long_runs]}

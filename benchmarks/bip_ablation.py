@@ -37,7 +37,7 @@ PAPER = S.PAPER_HPARAMS
 
 def configs(bip_steps: int) -> Dict[str, Dict[str, Any]]:
     """name -> {"method", "overrides", "length"}: one change at a time from the paper's settings."""
-    product = PAPER["score_lr"] * S.PAPER_BIP_STEPS / bip_steps  # score lr x steps as in the paper
+    product = S.scaled_score_lr(bip_steps, base=PAPER["score_lr"])  # score lr x steps as in the paper
 
     def paper(**kw):
         return {"method": "bip_paper", "overrides": kw, "length": 1.0}
@@ -73,7 +73,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished rows")
     args = p.parse_args(argv)
+    if args.report_only:
+        args.resume = True
     device = S._device(args.device)
     args.out = args.out or os.path.join(C.RESULTS_DIR, f"bip-ablation-{C.device_slug(device)}-{args.preset}")
     ctx, cfg, data_dir = S.setup(args, args.preset, device)
@@ -90,12 +93,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows, stopped = [], None
     try:
         for seed in range(args.seeds):
-            pre = S.pretrain(ctx, seed)
+            pre = S.pretrain(ctx, seed)  # cached by speedup.py / earlier rows
             for i, (name, c) in enumerate(cfgs.items()):
-                steps = max(1, round(c["length"] * st["bip"]))
-                ov = dict(c["overrides"], total_steps=steps)
-                res = S.run_one_shot(ctx, c["method"], args.round, seed, pre, run_id=f"cfg{i:02d}-seed{seed}",
-                                     overrides=ov, segments=[S.Segment("bip", steps)])
+                run_id = f"cfg{i:02d}-seed{seed}"
+                if args.report_only:
+                    res = S._load_result(ctx, run_id)
+                    if res is None:
+                        continue
+                else:
+                    steps = max(1, round(c["length"] * st["bip"]))
+                    ov = dict(c["overrides"], total_steps=steps)
+                    res = S.run_one_shot(ctx, c["method"], args.round, seed, pre, run_id=run_id,
+                                         overrides=ov, segments=[S.Segment("bip", steps)])
                 rows.append(dict(res, config=name, dense_acc=pre["test_acc"]))
     except S.Stop as s:
         stopped = str(s)
@@ -120,7 +129,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     C.write_json(path, benchmark="bip_ablation", env=env, rows=[],
                  config=dict(cfg, preset=args.preset, round=args.round, steps=st, device=str(device),
                              paper_bip_steps=S.PAPER_BIP_STEPS),
-                 extra={"results": summary, "table": "\n".join(table), "complete": stopped is None,
+                 extra={"results": summary, "table": "\n".join(table),
+                        "complete": stopped is None and len(summary) == len(cfgs),
+                        "continue_command": f"python benchmarks/bip_ablation.py --preset {args.preset} "
+                                            f"--round {args.round} --seeds {args.seeds} --resume",
                         "wall_seconds": time.monotonic() - t0})
     print(f"wrote {path}")
     return 0

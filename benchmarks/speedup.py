@@ -60,6 +60,7 @@ from bip_fast.engine import checkpoint as ckpt
 from bip_fast.engine.data import BilevelLoader, load_dataset
 from bip_fast.engine.models import CifarResNet, build
 from bip_fast.pruning import get_algorithm
+from bip_fast.pruning.bip import PAPER_SCORE_STEPS, scaled_score_lr
 
 # paper proportions (epochs of the paper's schedules, SPEC §4-5, engine/hparams.py)
 PAPER_DENSE_EPOCHS = 160
@@ -74,9 +75,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # 2-core CPU: <= 10 minutes; one GPU: well under 3 minutes. Not converged: a smoke run.
     "quick": {"arch": "resnet8", "train_subset": 4096, "test_subset": 2000, "dense_epochs": 6,
               "batch_size": 128, "seeds": 1},
-    # 2-core CPU, the equal-accuracy regime: a dense start that is converged (checked: 1.5x the
-    # dense steps gains < 0.5 points on the full test set), every method at 48.8/73.8/86.6%, 3 seeds,
-    # about 45 minutes per seed. Why these choices: with the standard crop+flip augmentation,
+    # 2-core CPU, the equal-accuracy regime: a dense start that is converged (checked per seed: 1.5x
+    # the dense steps gains < 0.5 points on the full test set), every method at 48.8/73.8/86.6%,
+    # 3 seeds, about 40 minutes per seed for the BiP/IMP/OMP/Hydra comparison. Why these choices: with the standard crop+flip augmentation,
     # ResNet-8 on 2,000-4,000 images still gains ~4 points from 1.5x more epochs at every budget
     # that fits the hour per seed (augmented CIFAR needs 100+ epochs to converge), so IMP's nine
     # retrainings would again be mostly more training. Without augmentation, 4,000 class-balanced
@@ -93,20 +94,24 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {"arch": "resnet18", "train_subset": None, "test_subset": None, "dense_epochs": 160,
               "batch_size": 128, "seeds": 1},
 }
-METHODS = ("imp", "bip_alternating", "bip_fused", "bip_official", "bip_paper", "omp", "hydra",
+# run in this order (method by method over all seeds), so an interrupted run has the main comparison
+METHODS = ("imp", "bip_alternating", "bip_fused", "bip_official", "omp", "bip_paper", "hydra",
            "gmp", "snip", "grasp", "synflow")
 AT_INIT = ("snip", "grasp", "synflow")  # pruned at the dense run's initialisation, then trained D steps
 SCORE_SAMPLES = {"snip": 128, "grasp": 100, "synflow": 1}  # SNIP one batch, GraSP 10 per class, SynFlow a shape
 BIP_METHODS = tuple(m for m in METHODS if m.startswith("bip"))
 LABELS = R.LABELS
 CONVERGENCE_FACTOR = 1.5  # the longer dense run of the convergence check
-PAPER_BIP_STEPS = 100 * 391  # the paper's BiP schedule: 100 epochs of 391 steps (CIFAR-10, batch 128)
+PAPER_BIP_STEPS = PAPER_SCORE_STEPS  # the paper's BiP schedule: 100 epochs of 391 steps (CIFAR-10, batch 128)
 # BiP methods: constructor arguments (momentum 0.9 and total_steps are added by make_algorithm).
 PAPER_HPARAMS = {"variant": "paper", "schedule": "alternating", "lr": 0.01, "score_lr": 0.1, "gamma": 1.0,
                  "weight_decay": 1e-4}
+# bip_fast's defaults (docs/equal_accuracy.md): the weight lr of dense training, and the paper's score
+# lr scaled so that score lr x steps equals the paper's 0.1 x 39,100 whatever the schedule length.
+DEFAULT_HPARAMS = dict(PAPER_HPARAMS, lr=0.1, score_lr_rule="paper_product")
 BIP_CONFIGS: Dict[str, Dict[str, Any]] = {
-    "bip_alternating": dict(PAPER_HPARAMS),
-    "bip_fused": dict(PAPER_HPARAMS, schedule="fused"),
+    "bip_alternating": dict(DEFAULT_HPARAMS),
+    "bip_fused": dict(DEFAULT_HPARAMS, schedule="fused"),
     # the authors' effective update (SPEC §6): both levels at the weight lr (0.1, cosine)
     "bip_official": {"variant": "official", "lr": 0.1, "weight_decay": 1e-4, "lr2": 1e-4},
     "bip_paper": dict(PAPER_HPARAMS),
@@ -409,7 +414,7 @@ def bip_kwargs(method: str, steps: int) -> Dict[str, Any]:
     rule = kw.pop("score_lr_rule", None)
     if rule == "paper_product":
         # keep the paper's product of score learning rate and steps (0.1 x 100 epochs of 391 steps)
-        kw["score_lr"] = kw["score_lr"] * PAPER_BIP_STEPS / steps
+        kw["score_lr"] = scaled_score_lr(steps, base=kw["score_lr"])
     return kw
 
 
@@ -618,7 +623,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             pres[seed] = pre = pretrain(ctx, seed)
             dense_runs.append({"seed": seed, "test_acc": pre["test_acc"], "train_seconds": pre["train_seconds"],
                                "curve": pre.get("curve")})
-            if cfg.get("check_convergence") and seed == seeds[0]:
+            if cfg.get("check_convergence"):
                 lg = pretrain(ctx, seed, CONVERGENCE_FACTOR)
                 long_runs.append({"seed": seed, "test_acc": lg["test_acc"], "steps": lg.get("steps"),
                                   "factor": CONVERGENCE_FACTOR, "curve": lg.get("curve")})

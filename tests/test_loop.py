@@ -122,7 +122,7 @@ def test_checkpoint_contents_and_outputs(tmp_path):
     assert set(state["loaders"]) == {"lower", "upper"}
     assert set(state["algorithm"]["optimizers"]) == {"weights", "scores"}
     assert state["config"]["prune"]["method"] == "bip"
-    assert state["config"]["train"]["lr"] == 0.01  # resolved method default (BiP: SPEC §4)
+    assert state["config"]["train"]["lr"] == 0.1  # resolved method default (BiP: the dense rate)
     # the model holds masks with exactly round(0.25 * N) ones
     masks = [v for k, v in state["model"].items() if k.endswith(".mask")]
     n = sum(m.numel() for m in masks)

@@ -82,6 +82,10 @@ def test_convergence_criterion():
     assert c["converged"] is True
     c = R.convergence(dense, [{"seed": 0, "test_acc": 0.590, "factor": 1.5}])
     assert c["longer_training_gain_points"] == pytest.approx(1.0) and c["converged"] is False
+    # the last quarter (cosine annealing) is evidence, not the criterion
+    annealed = [dict(dense[0], curve=[{"step": 300, "test_acc": 0.55}, {"step": 400, "test_acc": 0.58}])]
+    c = R.convergence(annealed, [{"seed": 0, "test_acc": 0.575, "factor": 1.5}])
+    assert c["last_quarter_gain_points"] == pytest.approx(3.0) and c["converged"] is True
     assert R.convergence(dense, [])["converged"] is False  # no evidence, no claim
 
 

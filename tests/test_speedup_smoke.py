@@ -52,17 +52,23 @@ def test_step_quick(tmp_path):
         assert r["ms_per_iter"] > 0
 
 
-def test_speedup_tiny(tmp_path):
+def _tiny_speedup(tmp_path, *flags):
+    """speedup.py on 128 training / 100 test images at batch 64 (skipped without CIFAR-10)."""
     data_dir = _data_dir()
     if data_dir is None:
         pytest.skip("CIFAR-10 not available (set BIP_FAST_DATA)")
-    speedup = _load("speedup")
     out = tmp_path / "out"
-    argv = ["--device", "cpu", "--data-dir", data_dir, "--arch", "resnet8", "--train-subset", "128", "--batch-size", "64",
-            "--test-subset", "100", "--dense-epochs", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    argv = ["--device", "cpu", "--data-dir", data_dir, "--train-subset", "128", "--batch-size", "64",
+            "--test-subset", "100", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *flags]
+    return _load("speedup"), out, argv
+
+
+def test_speedup_tiny(tmp_path):
+    speedup, out, argv = _tiny_speedup(tmp_path, "--arch", "resnet8", "--dense-epochs", "1")
     assert speedup.main(argv) == 0
     doc = json.loads((out / "speedup.json").read_text())
-    for key in ("device", "versions", "commit", "config", "rows", "verdicts", "dense", "complete"):
+    for key in ("device", "versions", "commit", "config", "rows", "verdicts", "dense", "complete", "winning_tickets",
+                "continue_command"):
         assert key in doc
     assert doc["complete"] is True
     assert (out / "time_vs_sparsity.png").is_file() and (out / "accuracy_vs_sparsity.png").is_file()
@@ -77,8 +83,32 @@ def test_speedup_tiny(tmp_path):
         tol = 2e-3 if r["method"] == "hydra" else 1e-4
         assert abs(r["sparsity"] - r["target_sparsity"]) <= tol, r
         assert r["train_seconds"] > 0 and 0.0 <= r["test_acc"] <= 1.0
+        if r["method"] != "imp":
+            # evaluated along the schedule (here only at its end); time to IMP's accuracy or the gap
+            assert r["curve"] and r["curve"][-1]["test_acc"] == r["test_acc"]
+            assert (r["seconds_to_imp_accuracy"] is None) == (r["gap_to_imp_accuracy"] is not None)
 
     # Resume: a rerun with --resume finds every run finished and trains nothing.
     assert speedup.main(argv + ["--resume"]) == 0
     doc2 = json.loads((out / "speedup.json").read_text())
     assert [r["train_seconds"] for r in doc2["rows"]] == [r["train_seconds"] for r in rows]
+
+
+def test_speedup_cpu_preset_convergence_and_curves(tmp_path):
+    """The cpu preset's path: unaugmented data, the 1.5x dense run of the convergence check, curves."""
+    speedup, out, argv = _tiny_speedup(tmp_path, "--preset", "cpu", "--dense-epochs", "4", "--seeds", "1",
+                                       "--methods", "bip_fused")
+    assert speedup.main(argv) == 0
+    doc = json.loads((out / "speedup.json").read_text())
+    conv = doc["dense"]["convergence"]
+    assert doc["dense"]["converged"] is conv["converged"]
+    assert conv["longer_training_factor"] == 1.5 and conv["long_runs"][0]["steps"] == 12  # 1.5 x 4 epochs x 2 steps
+    assert len(conv["dense_curves"][0]["curve"]) == 4  # the preset's eval_points
+    assert doc["config"]["augment"] is False
+    rows = [r for r in doc["rows"] if r["method"] == "bip_fused"]
+    assert len(rows) == 3
+    for r in rows:
+        assert [p["step"] for p in r["curve"]] == [1, 2, 4, 5]  # 5 BiP steps (100/160 of 8), 4 evaluations
+        times = [p["train_seconds"] for p in r["curve"]]
+        assert times == sorted(times) and times[-1] == pytest.approx(r["train_seconds"])
+    assert (out / "accuracy_vs_time.png").is_file()

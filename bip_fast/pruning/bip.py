@@ -20,13 +20,31 @@ from .base import (
     check_sparsity,
 )
 
-__all__ = ["BiP", "init_scores"]
+__all__ = ["BiP", "init_scores", "scaled_score_lr", "PAPER_HPARAMS", "PAPER_SCORE_STEPS"]
 
 
 def _world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+# The paper's exact hyper-parameters (SPEC §4): BiP(model, s, **PAPER_HPARAMS) reproduces its text.
+PAPER_HPARAMS = {"lr": 0.01, "score_lr": 0.1, "gamma": 1.0, "weight_decay": 1e-4}
+# Steps of the paper's BiP schedule: 100 epochs of 391 steps (CIFAR-10, batch 128).
+PAPER_SCORE_STEPS = 100 * 391
+
+
+def scaled_score_lr(total_steps: Optional[int], base: float = 0.1, paper_steps: int = PAPER_SCORE_STEPS) -> float:
+    """Score learning rate that keeps the paper's product of score lr and steps.
+
+    The scores move by roughly lr_s x (sum of G_s over the schedule); in a schedule shortened by a
+    factor f the same lr_s moves them f times less, and the mask barely changes (docs/equal_accuracy.md).
+    Returns ``base * paper_steps / total_steps`` (``base`` when ``total_steps`` is None), which is
+    exactly the paper's 0.1 on its own 39,100-step schedule."""
+    if total_steps is None:
+        return float(base)
+    return float(base) * paper_steps / int(total_steps)
+
 
 SCHEDULES = ("alternating", "fused")
 VARIANTS = ("paper", "official")
@@ -97,6 +115,13 @@ class BiP(Algorithm):
       3 train-mode forwards on B_α per iteration, we run 1) and the authors' per-epoch schedules
       (pass ``total_steps`` for a per-step cosine over both levels).
 
+    Defaults (bip_fast's, measured in docs/equal_accuracy.md): ``lr=0.1`` (the dense training
+    rate; the authors' code also runs both levels at 0.1) and ``score_lr=None``, which means
+    :func:`scaled_score_lr` of ``total_steps``: 0.1 x 39,100 / total_steps, the paper's score rate on
+    its own 100-epoch schedule and the same product of rate and steps on a shorter one (0.1 without
+    ``total_steps``). The paper's text (lr 0.01, score lr 0.1 at any length) is
+    ``BiP(model, sparsity, **PAPER_HPARAMS)``.
+
     Scores are initialised by :func:`init_scores` (``score_init="magnitude"``: |θ|, so the first
     mask is the magnitude mask of the pretrained model; ``"hydra"``: Hydra's scaled |θ|).
     ``gamma`` sets ``module.ig_scale = 1/gamma`` (paper variant); ``gamma=math.inf`` disables the
@@ -113,8 +138,8 @@ class BiP(Algorithm):
         structure: str = "global",
         schedule: str = "alternating",
         variant: str = "paper",
-        lr: float = 0.01,
-        score_lr: float = 0.1,
+        lr: float = 0.1,
+        score_lr: Optional[float] = None,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         score_weight_decay: float = 0.0,
@@ -141,6 +166,9 @@ class BiP(Algorithm):
         self.gamma = _check_number(gamma, "gamma", low=0.0, low_inclusive=False)
         self.lr2 = _check_number(lr2, "lr2", low=0.0)
         super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, include=include, exclude=exclude)
+        if score_lr is None:
+            score_lr = scaled_score_lr(self.total_steps)
+        self.score_lr = _check_number(score_lr, "score_lr", low=0.0)
         # Global projection reuses the radix histogram computed by the score update's launch.
         self._hist = structure == "global"
 
