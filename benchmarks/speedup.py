@@ -95,7 +95,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
               "batch_size": 128, "seeds": 1},
 }
 # run in this order (method by method over all seeds), so an interrupted run has the main comparison
-METHODS = ("imp", "bip_alternating", "bip_fused", "bip_official", "omp", "bip_paper", "hydra",
+METHODS = ("imp", "bip_alternating", "bip_fused", "bip_official", "omp", "hydra", "bip_paper",
            "gmp", "snip", "grasp", "synflow")
 AT_INIT = ("snip", "grasp", "synflow")  # pruned at the dense run's initialisation, then trained D steps
 SCORE_SAMPLES = {"snip": 128, "grasp": 100, "synflow": 1}  # SNIP one batch, GraSP 10 per class, SynFlow a shape
