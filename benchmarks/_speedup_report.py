@@ -201,6 +201,8 @@ def winning_tickets(rows: List[Dict[str, Any]], results, dense_acc: float, metho
             series[m] = [{"sparsity": r["sparsity"], "test_acc": r["test_acc"], "test_acc_std": r["test_acc_std"],
                           "n_seeds": r["n_seeds"]} for r in rows if r["method"] == m]
     for m, pts in series.items():
+        if not pts:
+            continue
         wins = [p for p in pts if p["test_acc"] >= dense_acc]
         out[m] = {"sparsest_winning_ticket": max((p["sparsity"] for p in wins), default=None),
                   "evaluated": pts}

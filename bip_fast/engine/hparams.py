@@ -55,7 +55,9 @@ STRUCTURES = ("global", "layer", "filter", "channel", "nm")
 VARIANTS = ("paper", "official")
 SCHEDULES = ("alternating", "fused")
 SCORE_INITS = ("magnitude", "hydra")
-DATASETS = ("cifar10", "cifar100")
+CIFAR_DATASETS = ("cifar10", "cifar100")
+FOLDER_DATASETS = ("tiny-imagenet", "imagenet")  # JPEG folder trees (bip_fast.engine.imagefolder)
+DATASETS = CIFAR_DATASETS + FOLDER_DATASETS
 
 # Values a field left at None takes, per method (see the module docstring for the sources).
 METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -80,8 +82,10 @@ def _f(default, help: str, **meta):
 
 @dataclass
 class DataHparams:
-    dataset: str = _f("cifar10", "dataset: cifar10 or cifar100")
-    data_dir: Optional[str] = _f(None, "folder holding cifar-10-batches-py (default: $BIP_FAST_DATA or ./data)")
+    dataset: str = _f("cifar10", "dataset: cifar10, cifar100, tiny-imagenet or imagenet")
+    data_dir: Optional[str] = _f(None, "folder holding cifar-10-batches-py (default: $BIP_FAST_DATA or ./data); "
+                                       "tiny-imagenet/imagenet: the dataset's root (train/, val/)")
+    workers: int = _f(0, "tiny-imagenet/imagenet: JPEG decoding processes (0: in the training process)")
     batch_size: int = _f(128, "global training batch size (all ranks together)")
     test_batch_size: int = _f(500, "evaluation batch size")
     subset: Optional[Tuple[int, int]] = _f(None, "class-balanced subset N_TRAIN N_TEST for quick runs",
@@ -353,8 +357,12 @@ class RunConfig:
         c, d, m, p, t = self.command, self.data, self.model, self.prune, self.train
         if c not in COMMANDS:
             raise ValueError(f"command: expected one of {', '.join(COMMANDS)}, got {c!r}")
-        if d.dataset.lower().replace("-", "") not in DATASETS:
+        if d.dataset.lower() not in FOLDER_DATASETS and d.dataset.lower().replace("-", "") not in CIFAR_DATASETS:
             raise ValueError(f"dataset: expected one of {', '.join(DATASETS)}, got {d.dataset!r}")
+        if d.dataset.lower() in FOLDER_DATASETS and d.subset is not None:
+            raise ValueError(f"subset: CIFAR only; {d.dataset} reads the whole folder (pass a smaller folder)")
+        if isinstance(d.workers, bool) or not isinstance(d.workers, int) or d.workers < 0:
+            raise ValueError(f"workers: expected an integer >= 0, got {d.workers!r}")
         arch = m.arch.lower()
         if arch not in ARCHS and not arch.startswith("tv_"):
             raise ValueError(f"arch: expected one of {', '.join(ARCHS)} or tv_<torchvision model>, got {m.arch!r}")

@@ -60,6 +60,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import integrity
 from . import baselines
+from . import imagefolder
 from .hparams import METHOD_DEFAULTS, RunConfig
 from .runlock import RunLock
 from ..pruning.base import NonFiniteError
@@ -393,6 +394,19 @@ class Trainer:
                              f"size {self.world}")
         from . import data
 
+        cl = cfg.data.channels_last
+        bs, seed = cfg.data.batch_size, cfg.train.seed
+        if cfg.data.dataset.lower() in imagefolder.FOLDER_DATASETS:
+            if self.dataset is None:
+                self.dataset = imagefolder.load_folder_dataset(cfg.data.dataset.lower(), cfg.data.data_dir)
+            fd = self.dataset
+            kw = dict(num_workers=cfg.data.workers, device=self.device, channels_last=cl)
+            self.upper = fd.train_loader(bs, seed=seed, **kw)
+            self.lower = fd.train_loader(bs, seed=seed + 1, **kw)
+            self.bilevel = data.BilevelLoader(self.lower, self.upper)
+            self.test_loader = fd.test_loader(cfg.data.test_batch_size, **kw)
+            self.steps_per_epoch = len(self.upper)
+            return
         if self.dataset is None:
             subset = tuple(cfg.data.subset) if cfg.data.subset is not None else None
             self.dataset = data.load_dataset(cfg.data.dataset, cfg.data.data_dir, device=self.device,
@@ -403,8 +417,6 @@ class Trainer:
                                         ds.test_x.to(self.device), ds.test_y.to(self.device),
                                         ds.num_classes, ds.mean, ds.std, ds.name)
         ds = self.dataset
-        cl = cfg.data.channels_last
-        bs, seed = cfg.data.batch_size, cfg.train.seed
         self.upper = data.Loader(ds.train_x, ds.train_y, bs, train=True, mean=ds.mean, std=ds.std,
                                  seed=seed, channels_last=cl)
         self.lower = data.Loader(ds.train_x, ds.train_y, bs, train=True, mean=ds.mean, std=ds.std,
@@ -603,7 +615,7 @@ class Trainer:
             return
         self.alg = self._build_algorithm(seg)
         if seg.kind in baselines.AT_INIT:  # the one-shot cut (a resume restores it from the checkpoint)
-            self.alg.prepare(baselines.score_batches(self.cfg, self.dataset))
+            self.alg.prepare(baselines.score_batches(self.cfg, self.dataset, self.device))
         if seg.transition == "next_round":  # IMP from a pretrained model: round 1 right away
             self.alg.next_round()
         elif seg.transition == "finetune":  # Hydra without a score phase
@@ -777,13 +789,19 @@ def evaluate_checkpoint(cfg: RunConfig) -> Dict[str, Any]:
     sd, stored = _read_model_file(cfg.checkpoint, "checkpoint")  # fail before loading data
     model = load_model(cfg.checkpoint, cfg, _num_classes(sd, stored))
     dev = _device(cfg.train.device)
-    subset = tuple(cfg.data.subset) if cfg.data.subset is not None else None
-    ds = data.load_dataset(cfg.data.dataset, cfg.data.data_dir, device=dev, subset=subset, seed=cfg.train.seed)
+    if cfg.data.dataset.lower() in imagefolder.FOLDER_DATASETS:
+        fd = imagefolder.load_folder_dataset(cfg.data.dataset.lower(), cfg.data.data_dir)
+        loader = fd.test_loader(cfg.data.test_batch_size, num_workers=cfg.data.workers, device=dev)
+        n_test = len(fd.test_samples)
+    else:
+        subset = tuple(cfg.data.subset) if cfg.data.subset is not None else None
+        ds = data.load_dataset(cfg.data.dataset, cfg.data.data_dir, device=dev, subset=subset, seed=cfg.train.seed)
+        loader, n_test = ds.test_loader(cfg.data.test_batch_size), int(ds.test_y.numel())
     model = model.to(dev)
-    acc = evaluate(model, ds.test_loader(cfg.data.test_batch_size), bf16=cfg.train.bf16)
+    acc = evaluate(model, loader, bf16=cfg.train.bf16)
     rep = sparsity_report(model)
     return {"test_acc": acc, "density": rep["density"], "sparsity": rep["sparsity"], "prunable": rep["numel"],
-            "kept": rep["kept"], "test_samples": int(ds.test_y.numel())}
+            "kept": rep["kept"], "test_samples": n_test}
 
 
 def export_checkpoint(cfg: RunConfig, num_classes: Optional[int] = None) -> Dict[str, str]:
