@@ -219,10 +219,10 @@ def _pct(x: Optional[float], std: Optional[float] = None) -> str:
 
 
 def table(rows: List[Dict[str, Any]], dense: Dict[str, Any]) -> str:
-    head = ["target sparsity", "method", "schedule", "sparsity", "test acc % (mean ± std)", "train s",
+    head = ["target sparsity", "method", "schedule", "sparsity", "seeds", "test acc % (mean ± std)", "train s",
             "IMP time / time (fixed budget)", "s to IMP acc", "speedup at IMP acc"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines.append(f"| 0% | dense (start of all) | {dense['epochs']} epochs | 0.0000 | "
+    lines.append(f"| 0% | dense (start of all) | {dense['epochs']} epochs | 0.0000 | {len(dense.get('acc_per_seed', []))} | "
                  f"{_pct(dense['acc'], dense.get('acc_std'))} | {dense['seconds']:.1f} (not counted) | | | |")
     for r in rows:
         ratio = "" if r["imp_time_ratio"] is None or r["method"] == "imp" else f"{r['imp_time_ratio']:.2f}x"
@@ -233,7 +233,8 @@ def table(rows: List[Dict[str, Any]], dense: Dict[str, Any]) -> str:
         else:
             tta, eq = f"{r['seconds_to_imp_accuracy']:.1f}", f"{r['speedup_at_imp_accuracy']:.2f}x"
         lines.append(f"| {100 * r['target_sparsity']:.1f}% | {label(r['method'])} | {r['schedule']} | "
-                     f"{r['sparsity']:.4f} | {_pct(r['test_acc'], r['test_acc_std'])} | {r['train_seconds']:.1f} | "
+                     f"{r['sparsity']:.4f} | {r['n_seeds']} | {_pct(r['test_acc'], r['test_acc_std'])} | "
+                     f"{r['train_seconds']:.1f} | "
                      f"{ratio} | {tta} | {eq} |")
     return "\n".join(lines)
 
@@ -253,6 +254,7 @@ def tickets_table(tickets: Dict[str, Any], dense_acc: float) -> str:
 # --------------------------------------------------------------------------------------------
 def plots(out_dir: str, rows, results, dense: Dict[str, Any], title: str, methods: Sequence[str]) -> List[str]:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -321,6 +323,7 @@ def plots(out_dir: str, rows, results, dense: Dict[str, Any], title: str, method
             thr = imp_row["test_acc"] - (imp_row["test_acc_std"] or 0.0)
             ax.axhline(100 * thr, color="k", ls=":", lw=1, label="IMP mean - std")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training time (s, log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{100 * t:.1f}% sparsity", fontsize=9)
