@@ -60,6 +60,7 @@ from bip_fast.engine import checkpoint as ckpt
 from bip_fast.engine.data import BilevelLoader, load_dataset
 from bip_fast.engine.models import CifarResNet, build
 from bip_fast.pruning import get_algorithm
+from bip_fast.pruning.bip import PAPER_HPARAMS as BIP_PAPER_HPARAMS
 from bip_fast.pruning.bip import PAPER_SCORE_STEPS, scaled_score_lr
 
 # paper proportions (epochs of the paper's schedules, SPEC §4-5, engine/hparams.py)
@@ -76,8 +77,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "quick": {"arch": "resnet8", "train_subset": 4096, "test_subset": 2000, "dense_epochs": 6,
               "batch_size": 128, "seeds": 1},
     # 2-core CPU, the equal-accuracy regime: a dense start that is converged (checked on the first
-    # seed, or every seed with "check_convergence": "all": 1.5x the dense steps gains < 0.5 points), every method at 48.8/73.8/86.6%,
-    # 3 seeds, about 40 minutes per seed for the BiP/IMP/OMP/Hydra comparison. Why these choices: with the standard crop+flip augmentation,
+    # seed, or every seed with "check_convergence": "all": 1.5x the dense steps gains < 0.5
+    # points), every method at 48.8/73.8/86.6%, 3 seeds, about 40 minutes per seed for the
+    # BiP/IMP/OMP/Hydra comparison. Why these choices: with the standard crop+flip augmentation,
     # ResNet-8 on 2,000-4,000 images still gains ~4 points from 1.5x more epochs at every budget
     # that fits the hour per seed (augmented CIFAR needs 100+ epochs to converge), so IMP's nine
     # retrainings would again be mostly more training. Without augmentation, 4,000 class-balanced
@@ -104,11 +106,10 @@ LABELS = R.LABELS
 CONVERGENCE_FACTOR = 1.5  # the longer dense run of the convergence check
 PAPER_BIP_STEPS = PAPER_SCORE_STEPS  # the paper's BiP schedule: 100 epochs of 391 steps (CIFAR-10, batch 128)
 # BiP methods: constructor arguments (momentum 0.9 and total_steps are added by make_algorithm).
-PAPER_HPARAMS = {"variant": "paper", "schedule": "alternating", "lr": 0.01, "score_lr": 0.1, "gamma": 1.0,
-                 "weight_decay": 1e-4}
-# bip_fast's defaults (docs/equal_accuracy.md): the weight lr of dense training, and the paper's score
-# lr scaled so that score lr x steps equals the paper's 0.1 x 39,100 whatever the schedule length.
-DEFAULT_HPARAMS = dict(PAPER_HPARAMS, lr=0.1, score_lr_rule="paper_product")
+PAPER_HPARAMS = {"variant": "paper", "schedule": "alternating", **BIP_PAPER_HPARAMS}
+# bip_fast's defaults (docs/equal_accuracy.md): the weight lr of dense training, and score_lr=None,
+# which BiP resolves to scaled_score_lr(total_steps) (the paper's score lr x steps at any length).
+DEFAULT_HPARAMS = dict(PAPER_HPARAMS, lr=0.1, score_lr=None)
 BIP_CONFIGS: Dict[str, Dict[str, Any]] = {
     "bip_alternating": dict(DEFAULT_HPARAMS),
     "bip_fused": dict(DEFAULT_HPARAMS, schedule="fused"),
@@ -409,12 +410,11 @@ def run_imp(ctx: Ctx, seed: int, pre: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def bip_kwargs(method: str, steps: int) -> Dict[str, Any]:
-    """BiP constructor arguments of a BiP method of this benchmark (``steps`` = its schedule length)."""
+    """BiP constructor arguments of a BiP method of this benchmark (``steps`` = its schedule length),
+    with the score learning rate resolved as BiP resolves ``score_lr=None``."""
     kw = dict(BIP_CONFIGS[method])
-    rule = kw.pop("score_lr_rule", None)
-    if rule == "paper_product":
-        # keep the paper's product of score learning rate and steps (0.1 x 100 epochs of 391 steps)
-        kw["score_lr"] = scaled_score_lr(steps, base=kw["score_lr"])
+    if "score_lr" in kw and kw["score_lr"] is None:
+        kw["score_lr"] = scaled_score_lr(steps)
     return kw
 
 
