@@ -54,36 +54,26 @@ def score_sample_count(cfg, num_classes: int) -> int:
 
 
 def score_batches(cfg, dataset, device=None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """The ``prepare(batches)`` input of a one-shot method (see the module docstring)."""
-    from . import data
-
-    c = dataset.num_classes
-    if hasattr(dataset, "train_samples"):  # a folder dataset (tiny-imagenet, imagenet)
-        return _folder_score_batches(cfg, dataset, c, device or "cpu")
-    # As many as asked for, within what a class-balanced pick from this (possibly subset) split allows.
-    n = min(score_sample_count(cfg, c), c * int(torch.bincount(dataset.train_y.cpu(), minlength=c).min()))
-    if n < 1:
-        raise ValueError(f"score_samples: the training split lacks a class, so no class-balanced batch for "
-                         f"{cfg.prune.method} exists")
-    idx = data.subset_indices(dataset.train_y, n, c, seed=cfg.train.seed)
-    loader = data.eval_loader(dataset.train_x[idx], dataset.train_y[idx], cfg.data.batch_size, mean=dataset.mean,
-                              std=dataset.std, channels_last=cfg.data.channels_last)
-    return list(loader)
-
-
-def _folder_score_batches(cfg, fd, c: int, device) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Class-balanced score batches of a folder dataset, with its evaluation preprocessing."""
+    """The ``prepare(batches)`` input of a one-shot method (see the module docstring); a folder
+    dataset (tiny-imagenet, imagenet) is decoded with its evaluation preprocessing on ``device``."""
     from . import data
     from .imagefolder import FolderLoader
 
-    labels = torch.tensor([label for _, label in fd.train_samples])
-    counts = torch.bincount(labels, minlength=c)
-    n = min(score_sample_count(cfg, c), c * int(counts.min()))
+    c = dataset.num_classes
+    folder = hasattr(dataset, "train_samples")
+    labels = torch.tensor([label for _, label in dataset.train_samples]) if folder else dataset.train_y
+    # As many as asked for, within what a class-balanced pick from this (possibly subset) split allows.
+    n = min(score_sample_count(cfg, c), c * int(torch.bincount(labels.cpu(), minlength=c).min()))
     if n < 1:
         raise ValueError(f"score_samples: the training split lacks a class, so no class-balanced batch for "
                          f"{cfg.prune.method} exists")
-    idx = data.subset_indices(labels, n, c, seed=cfg.train.seed).tolist()
-    loader = FolderLoader([fd.train_samples[i] for i in idx], cfg.data.batch_size, train=False, size=fd.size,
-                          eval_resize=fd.eval_resize, mean=fd.mean, std=fd.std, num_workers=cfg.data.workers,
-                          channels_last=cfg.data.channels_last, device=device)
+    idx = data.subset_indices(labels, n, c, seed=cfg.train.seed)
+    if folder:
+        loader = FolderLoader([dataset.train_samples[i] for i in idx.tolist()], cfg.data.batch_size, train=False,
+                              size=dataset.size, eval_resize=dataset.eval_resize, mean=dataset.mean, std=dataset.std,
+                              num_workers=cfg.data.workers, channels_last=cfg.data.channels_last,
+                              device=device or "cpu")
+    else:
+        loader = data.eval_loader(dataset.train_x[idx], dataset.train_y[idx], cfg.data.batch_size, mean=dataset.mean,
+                                  std=dataset.std, channels_last=cfg.data.channels_last)
     return list(loader)
