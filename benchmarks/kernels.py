@@ -52,7 +52,7 @@ class CorrectnessError(RuntimeError):
 # inputs
 # --------------------------------------------------------------------------------------------
 # CIFAR ResNet-18 (3x3 stem, BasicBlocks [2, 2, 2, 2], 1x1 projection shortcuts, fc 512 -> 10),
-# in registration order; used only if bip_fast.engine.models cannot build the model.
+# in registration order; used only if bip_fast.models cannot build the model.
 _RESNET18_SHAPES: List[Tuple[int, ...]] = (
     [(64, 3, 3, 3)]
     + [(64, 64, 3, 3)] * 4
@@ -69,11 +69,11 @@ def resnet18_weights(seed: int = 0) -> Tuple[List[torch.Tensor], str]:
     what the radix select sees in training."""
     torch.manual_seed(seed)
     try:
-        from bip_fast.engine import models
+        from bip_fast import models
 
         model = models.build("resnet18")
         ws = [m.weight.detach().clone() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-        return ws, "bip_fast.engine.models.build('resnet18')"
+        return ws, "bip_fast.models.build('resnet18')"
     except Exception as e:  # engine not importable: same architecture, Kaiming-uniform-like init
         C.log(f"kernels: building resnet18 failed ({type(e).__name__}: {e}); using hard-coded shapes")
         ws = []

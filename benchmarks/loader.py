@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import Row, Timing, environment, format_header, log, markdown_table, synchronize, write_json  # noqa: E402
 
-from bip_fast.engine.imagefolder import IMAGENET_MEAN, IMAGENET_STD, FolderLoader, scan  # noqa: E402
+from bip_fast.data.folder import IMAGENET_MEAN, IMAGENET_STD, FolderLoader, scan  # noqa: E402
 
 
 def generate_tree(root: Path, n_images: int, classes: int = 10, seed: int = 0) -> Path:

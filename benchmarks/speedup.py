@@ -56,9 +56,9 @@ except ImportError:
     import _speedup_report as R  # type: ignore[no-redef]
 
 import bip_fast
-from bip_fast.engine import checkpoint as ckpt
-from bip_fast.engine.data import BilevelLoader, load_dataset
-from bip_fast.engine.models import CifarResNet, build
+from bip_fast.files import checkpoint as ckpt
+from bip_fast.data import BilevelLoader, load_dataset
+from bip_fast.models import CifarResNet, build
 from bip_fast.pruning import get_algorithm
 from bip_fast.pruning.bip import PAPER_HPARAMS as BIP_PAPER_HPARAMS
 from bip_fast.pruning.bip import PAPER_SCORE_STEPS, scaled_score_lr

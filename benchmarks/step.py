@@ -1,6 +1,6 @@
 """Per-iteration time of BiP against a dense SGD step and against an authors'-shaped iteration.
 
-Modes, each on a fresh copy of the same model (bip_fast.engine.models.build), batch 128:
+Modes, each on a fresh copy of the same model (bip_fast.models.build), batch 128:
 
 - ``dense``: forward, backward, ``torch.optim.SGD`` step on the plain model (the yardstick);
 - ``bip_alternating`` / ``bip_fused`` / ``bip_official``: ``bip_fast.BiP(...).step`` (90% sparsity);
@@ -37,7 +37,7 @@ except ImportError:
     from authors_shaped import AuthorsShapedBiP  # type: ignore[no-redef]
 
 import bip_fast
-from bip_fast.engine.models import build
+from bip_fast.models import build
 
 MODES = ("dense", "bip_alternating", "bip_fused", "bip_official", "authors_shaped")
 DEFAULT_MODELS = ("resnet20", "resnet18", "vgg16_bn")

@@ -15,6 +15,7 @@ from .nn import (
     sparsify,
     sparsity_report,
 )
+from .pruning import GMP, IMP, OMP, SNIP, BiP, Dense, GraSP, Hydra, SynFlow
 
 __version__ = "0.1.0"
 
@@ -42,11 +43,3 @@ __all__ = [
     "GMP",
 ]
 
-
-def __getattr__(name):
-    # The algorithms pull in the training engine; load them on first use.
-    if name in ("BiP", "IMP", "OMP", "Hydra", "Dense", "SNIP", "GraSP", "SynFlow", "GMP"):
-        from . import pruning
-
-        return getattr(pruning, name)
-    raise AttributeError(f"module 'bip_fast' has no attribute {name!r}")

@@ -24,7 +24,13 @@ import json
 import sys
 from typing import List, Optional
 
+import torch.distributed as dist
+
+from .engine.evaluation import evaluate_checkpoint, export_checkpoint
 from .engine.hparams import COMMANDS, DataHparams, RunConfig, add_flags, load_yaml
+from .engine.loop import Trainer
+from .engine.rundir import check_out_dir, read_model_file
+from .engine.setup import init_distributed_from_env
 
 __all__ = ["main", "build_parser"]
 
@@ -117,9 +123,7 @@ def _check_flag_combinations(cmd: str, cfg: RunConfig, given: set) -> None:
 
 def _check_arch_flag(cfg: RunConfig) -> None:
     """eval/export --arch only names the architecture of a file that records none."""
-    from .engine import loop
-
-    _, stored = loop._read_model_file(cfg.checkpoint, "checkpoint")
+    _, stored = read_model_file(cfg.checkpoint, "checkpoint")
     if stored and str(stored["model"]["arch"]).lower() != cfg.model.arch.lower():
         raise ValueError(f"--arch: '{cfg.checkpoint}' is a {stored['model']['arch']} model, got --arch "
                          f"{cfg.model.arch} (drop --arch: the checkpoint records its architecture)")
@@ -133,16 +137,14 @@ def _run(argv: Optional[List[str]]) -> int:
     _TRAINING_OUT[0] = cfg.out if cmd in ("pretrain", "prune", "finetune") else None
     _check_flag_combinations(cmd, cfg, given)
 
-    from .engine import loop
-
     if cmd in ("pretrain", "prune", "finetune"):
-        dist_started = loop.init_distributed_from_env()
+        dist_started = init_distributed_from_env()
         if not cfg.out:
             raise ValueError(f"out: {cmd} needs --out DIR")
         if not cfg.resume:
             cfg = cfg.resolved()  # validate before touching anything
-            loop.check_out_dir(cfg.out, False, cfg.force)
-        trainer = loop.Trainer(cfg)
+            check_out_dir(cfg.out, False, cfg.force)
+        trainer = Trainer(cfg)
         if cfg.resume:
             if trainer.cfg.command != cmd:
                 raise ValueError(f"resume: '{cfg.out}' holds a {trainer.cfg.command!r} run, not {cmd!r}")
@@ -151,8 +153,6 @@ def _run(argv: Optional[List[str]]) -> int:
             rep = trainer.run()
         finally:
             if dist_started:
-                import torch.distributed as dist
-
                 dist.destroy_process_group()
         if trainer.is_main:
             print(json.dumps(rep))
@@ -163,10 +163,10 @@ def _run(argv: Optional[List[str]]) -> int:
     if "arch" in given:
         _check_arch_flag(cfg)
     if cmd == "eval":
-        rep = loop.evaluate_checkpoint(cfg)
+        rep = evaluate_checkpoint(cfg)
         print(json.dumps(rep))
         return 0
-    rep = loop.export_checkpoint(cfg)
+    rep = export_checkpoint(cfg)
     print(json.dumps(rep))
     return 0
 

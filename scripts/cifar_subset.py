@@ -3,7 +3,7 @@
 The whole CIFAR-10 (176 MB of pickles) is larger than the 64 MiB of checkout that is copied to a
 lent GPU machine, so scripts/gpu_check.sh reads a subset copied along in an ignored folder. Every
 file of the original layout is written (data_batch_1..5 and test_batch, the files
-bip_fast.engine.data.load_dataset requires), each keeping the first images of every class of
+bip_fast.data.load_dataset requires), each keeping the first images of every class of
 its source batch in their original order, plus batches.meta and SUBSET.txt (the counts; its
 presence tells gpu_check.sh that this is a subset, not the whole set).
 

@@ -381,7 +381,7 @@ def test_baseline_bad_hparams():
 def test_engine_plans_and_runs_every_baseline(tmp_path):
     from test_loop import config, synthetic, tiny_model
 
-    from bip_fast.engine.loop import Trainer, plan_segments
+    from bip_fast.engine import Trainer, plan_segments
 
     for name in BASELINES:
         cfg = config(tmp_path / name, method=name, sparsity=0.8, epochs=2, pretrain_epochs=1, synflow_rounds=3,

@@ -1,11 +1,11 @@
-"""Tests for bip_fast.engine.checkpoint: atomic saves, corrupt-file detection, RNG capture."""
+"""Tests for bip_fast.files.checkpoint: atomic saves, corrupt-file detection, RNG capture."""
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from bip_fast.engine.checkpoint import load, rng_state, save_atomic, set_rng_state
+from bip_fast.files.checkpoint import load, rng_state, save_atomic, set_rng_state
 
 
 def _leftovers(directory):

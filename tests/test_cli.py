@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bip_fast.cli import main
-from bip_fast.engine.models import build
+from bip_fast.models import build
 
 DATA = os.environ.get("BIP_FAST_TEST_DATA",
                       os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10"))

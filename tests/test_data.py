@@ -1,4 +1,4 @@
-"""Tests for bip_fast.engine.data: CIFAR loading, subsets, augmentation, deterministic resume."""
+"""Tests for bip_fast.data: CIFAR loading, subsets, augmentation, deterministic resume."""
 import io
 import os
 import pickle
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bip_fast.engine import data
-from bip_fast.engine.data import BilevelLoader, Loader, augment_batch, load_dataset
+from bip_fast import data
+from bip_fast.data import BilevelLoader, Loader, augment_batch, load_dataset
 
 _SHARED = Path("/work/shared/data/cifar10")
 

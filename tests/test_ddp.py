@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bip_fast.engine.data import Dataset
+from bip_fast.data import Dataset
 from bip_fast.engine.hparams import RunConfig
 from bip_fast.engine.loop import Trainer
 

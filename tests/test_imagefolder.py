@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bip_fast.engine.imagefolder import FolderLoader, load_folder_dataset, scan
+from bip_fast.data.folder import FolderLoader, load_folder_dataset, scan
 
 SIZES = [(37, 53), (64, 64), (80, 41), (23, 29)]
 
@@ -94,7 +94,7 @@ def test_loader_batches_skips_corrupt_and_resumes_exactly(tmp_path):
     for (xa, ya), (xb, yb) in zip(ref, rest):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     # Two loaders pair like CIFAR's for BiP.
-    from bip_fast.engine.data import BilevelLoader
+    from bip_fast.data import BilevelLoader
 
     pair = BilevelLoader(ds.train_loader(4, seed=1), ds.train_loader(4, seed=2))
     assert len(list(pair)) == 3
@@ -170,7 +170,7 @@ def test_bad_imagenet_trees(tmp_path):
 def test_imagenet_models_keep_torchvision_keys(arch, tv, size):
     import torchvision.models as tvm
 
-    from bip_fast.engine.models import build
+    from bip_fast.models import build
     from bip_fast.nn import sparsify
 
     model = build(arch, 7)

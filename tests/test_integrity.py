@@ -17,10 +17,10 @@ from torch import nn
 
 import bip_fast
 from bip_fast.cli import main
-from bip_fast.engine import checkpoint as ckpt
-from bip_fast.engine import integrity
+from bip_fast.files import checkpoint as ckpt
+from bip_fast.files import integrity
 from bip_fast.engine.loop import DivergedError, Trainer
-from bip_fast.engine.runlock import LOCK_NAME, RunLock, RunLockedError
+from bip_fast.files.runlock import LOCK_NAME, RunLock, RunLockedError
 from bip_fast.masks import project
 from bip_fast.pruning import get_algorithm
 from bip_fast.pruning.base import NonFiniteError
@@ -116,7 +116,7 @@ def test_checkpoint_from_another_run_is_refused(tmp_path):
     (tmp_path / "b" / "checkpoint.pt").write_bytes((tmp_path / "a" / "checkpoint.pt").read_bytes())
     with pytest.raises(ValueError, match="arch='resnet20'.*arch='resnet56'.*do not belong to one run"):
         Trainer(config(tmp_path / "b", resume=True), dataset=synthetic(), model_fn=tiny_model)
-    from bip_fast.engine.loop import _read_model_file
+    from bip_fast.engine.rundir import read_model_file as _read_model_file
 
     with pytest.raises(ValueError, match="do not belong to one run"):
         _read_model_file(tmp_path / "b" / "checkpoint.pt", "checkpoint")

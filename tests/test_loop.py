@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from bip_fast.engine import checkpoint as ckpt
-from bip_fast.engine.data import Dataset
+from bip_fast.files import checkpoint as ckpt
+from bip_fast.data import Dataset
 from bip_fast.engine.hparams import RunConfig
-from bip_fast.engine.loop import Trainer, plan_segments
+from bip_fast.engine import Trainer, plan_segments
 
 
 def tiny_model():

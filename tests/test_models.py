@@ -1,12 +1,12 @@
-"""Tests for bip_fast.engine.models: architectures, parameter counts, initialisation, errors."""
+"""Tests for bip_fast.models: architectures, parameter counts, initialisation, errors."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from bip_fast.engine import models
-from bip_fast.engine.models import ARCHS, build
+from bip_fast import models
+from bip_fast.models import ARCHS, build
 
 
 def _nparams(m):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import bip_fast
-from bip_fast.engine import data
+from bip_fast import data
 from bip_fast.engine.hparams import RunConfig
 from bip_fast.engine.loop import Trainer
 

@@ -1,30 +1,20 @@
-"""Training engine: device-resident CIFAR data, the model zoo, checkpoints (and, in their own
-modules, the training loop and hyper-parameters).
+"""The top floor: runs. A :class:`Trainer` drives the pruning algorithms over the data, and the
+commands around it (hyper-parameters, run folders, eval and export) compose the floors below.
 
-``data``, ``models`` and ``checkpoint`` are imported eagerly (they need only torch/numpy; the
-torchvision import happens on use). ``loop`` and ``hparams`` are imported on first attribute
-access, so importing the engine stays cheap.
+Modules: :mod:`.sections` and :mod:`.hparams` (configuration), :mod:`.plan` (segments of a run),
+:mod:`.setup` (device, loaders, algorithm of a segment), :mod:`.baselines` (the one-shot
+baselines' inputs), :mod:`.loop` (the Trainer), :mod:`.rundir` and :mod:`.checks` (run folders
+and what a run checks before touching one), :mod:`.evaluation` (accuracy, eval and export).
+See docs/architecture.md for what each floor may import.
 """
 from __future__ import annotations
 
-import importlib
-
-from . import checkpoint, data, models
-from .checkpoint import load, rng_state, save_atomic, set_rng_state
-from .data import BilevelLoader, Dataset, Loader, eval_loader, load_dataset
-from .models import ARCHS, build
+from .evaluation import evaluate, evaluate_checkpoint, export_checkpoint, load_model
+from .hparams import METHOD_DEFAULTS, RunConfig
+from .loop import DivergedError, Trainer
+from .plan import Segment, plan_segments
 
 __all__ = [
-    "checkpoint", "data", "models", "loop", "hparams",
-    "load_dataset", "Dataset", "Loader", "BilevelLoader", "eval_loader",
-    "build", "ARCHS",
-    "save_atomic", "load", "rng_state", "set_rng_state",
+    "Trainer", "DivergedError", "RunConfig", "METHOD_DEFAULTS", "Segment", "plan_segments",
+    "evaluate", "evaluate_checkpoint", "export_checkpoint", "load_model",
 ]
-
-_LAZY = ("loop", "hparams")
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,9 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
+from ..data import FolderLoader, eval_loader, subset_indices
+from ..pruning import get_algorithm
+
 __all__ = ["BASELINES", "AT_INIT", "build", "score_batches", "score_sample_count"]
 
 BASELINES = ("snip", "grasp", "synflow", "gmp")
@@ -28,8 +31,6 @@ AT_INIT = ("snip", "grasp", "synflow")
 def build(kind: str, model: nn.Module, cfg, steps_per_epoch: int, common: Dict[str, Any]):
     """The ``kind`` algorithm around ``model`` from a resolved :class:`RunConfig`; ``common``
     holds ``momentum`` and ``total_steps`` (the segment's)."""
-    from ..pruning import get_algorithm
-
     p, t = cfg.prune, cfg.train
     kw: Dict[str, Any] = dict(structure=p.structure, lr=t.lr, weight_decay=t.weight_decay, **common)
     if kind == "grasp":
@@ -56,9 +57,6 @@ def score_sample_count(cfg, num_classes: int) -> int:
 def score_batches(cfg, dataset, device=None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """The ``prepare(batches)`` input of a one-shot method (see the module docstring); a folder
     dataset (tiny-imagenet, imagenet) is decoded with its evaluation preprocessing on ``device``."""
-    from . import data
-    from .imagefolder import FolderLoader
-
     c = dataset.num_classes
     folder = hasattr(dataset, "train_samples")
     labels = torch.tensor([label for _, label in dataset.train_samples]) if folder else dataset.train_y
@@ -67,13 +65,13 @@ def score_batches(cfg, dataset, device=None) -> List[Tuple[torch.Tensor, torch.T
     if n < 1:
         raise ValueError(f"score_samples: the training split lacks a class, so no class-balanced batch for "
                          f"{cfg.prune.method} exists")
-    idx = data.subset_indices(labels, n, c, seed=cfg.train.seed)
+    idx = subset_indices(labels, n, c, seed=cfg.train.seed)
     if folder:
         loader = FolderLoader([dataset.train_samples[i] for i in idx.tolist()], cfg.data.batch_size, train=False,
                               size=dataset.size, eval_resize=dataset.eval_resize, mean=dataset.mean, std=dataset.std,
                               num_workers=cfg.data.workers, channels_last=cfg.data.channels_last,
                               device=device or "cpu")
     else:
-        loader = data.eval_loader(dataset.train_x[idx], dataset.train_y[idx], cfg.data.batch_size, mean=dataset.mean,
+        loader = eval_loader(dataset.train_x[idx], dataset.train_y[idx], cfg.data.batch_size, mean=dataset.mean,
                                   std=dataset.std, channels_last=cfg.data.channels_last)
     return list(loader)

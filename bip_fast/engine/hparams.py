@@ -11,27 +11,7 @@ is the precedence order. Fields left at ``None`` whose meaning depends on the me
 ``lr``, ``weight_decay``, ``structure``) are filled from ``METHOD_DEFAULTS`` by
 :meth:`RunConfig.resolved`; the resolved config is what a run records in its checkpoint.
 
-Paper settings (docs: ../shared/SPEC.md §4-6; Zhang et al. 2022, "Advancing Model Pruning via
-Bi-level Optimization", appendix):
-
-- BiP: 100 epochs, gamma 1.0, SGD momentum 0.9, weight decay 1e-4 (the authors' configs), batch
-  128, cosine schedule (SPEC §4). The paper's text gives lower-level (weight) lr 0.01 and score lr
-  0.1 (``configs/bip_paper_resnet18_cifar10.yaml``); bip_fast's defaults are weight lr 0.1 (the
-  dense rate, and what the authors' code ran) and score lr 0.1 x 39,100 / the run's steps (the
-  paper's 0.1 on its own 39,100-step schedule, the same product of rate and steps on a shorter
-  one), which docs/equal_accuracy.md measured to win.
-- Dense / IMP / OMP (re)training: lr 0.1, momentum 0.9, batch 128, cosine, 160 epochs (the
-  usual CIFAR ResNet schedule the paper's baselines follow), weight decay 5e-4 (our choice: the
-  common CIFAR value for dense training; the authors' BiP configs use 1e-4 — pass
-  ``--weight-decay 1e-4`` to match them). IMP prunes 20% of the remaining weights per round
-  (SPEC §5) and rewinds to epoch ``rewind_epoch`` (default 3) of its dense round 0.
-- Hydra: score phase 20 epochs at score lr 0.1, then finetuning 100 epochs at lr 0.01 (Sehwag et
-  al. 2020 CIFAR settings), weight decay 5e-4 (Hydra's default), layer-wise structure.
-- SNIP / GraSP / SynFlow (pruning at initialisation, :mod:`bip_fast.engine.baselines`): the
-  dense training schedule (160 epochs, lr 0.1, weight decay 5e-4) after the one-shot cut; GraSP
-  temperature 200 and 10 samples per class, SynFlow 100 rounds (the published settings).
-- GMP: 100 epochs (BiP's budget, our choice) at lr 0.1, weight decay 5e-4, the cubic schedule
-  over the first half of the run and Δt = 100 steps (Zhu & Gupta 2017), then finetuning.
+The sections, their defaults and the paper settings behind them are in :mod:`.sections`.
 """
 from __future__ import annotations
 
@@ -43,113 +23,19 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
+from ..models import ARCHS
+from .sections import (
+    CIFAR_DATASETS, COMMANDS, DATASETS, FIELD_SECTION, FOLDER_DATASETS, METHOD_DEFAULTS, METHODS, SCHEDULES,
+    SCORE_INITS, SECTIONS, STRUCTURES, VARIANTS, DataHparams, ModelHparams, PruneHparams, TrainHparams,
+)
+
 __all__ = [
     "METHODS", "COMMANDS", "STRUCTURES", "VARIANTS", "SCHEDULES", "SCORE_INITS", "DATASETS",
     "METHOD_DEFAULTS", "DataHparams", "ModelHparams", "PruneHparams", "TrainHparams", "RunConfig",
     "add_flags", "load_yaml",
 ]
 
-METHODS = ("bip", "imp", "omp", "hydra", "dense", "snip", "grasp", "synflow", "gmp")
-COMMANDS = ("pretrain", "prune", "finetune", "eval", "export")
-STRUCTURES = ("global", "layer", "filter", "channel", "nm")
-VARIANTS = ("paper", "official")
-SCHEDULES = ("alternating", "fused")
-SCORE_INITS = ("magnitude", "hydra")
-CIFAR_DATASETS = ("cifar10", "cifar100")
-FOLDER_DATASETS = ("tiny-imagenet", "imagenet")  # JPEG folder trees (bip_fast.engine.imagefolder)
-DATASETS = CIFAR_DATASETS + FOLDER_DATASETS
 
-# Values a field left at None takes, per method (see the module docstring for the sources).
-METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "bip": {"epochs": 100, "lr": 0.1, "weight_decay": 1e-4, "structure": "global"},
-    "dense": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
-    "imp": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
-    "omp": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
-    "hydra": {"epochs": 100, "lr": 0.01, "weight_decay": 5e-4, "structure": "layer"},
-    "snip": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
-    "grasp": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
-    "synflow": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
-    "gmp": {"epochs": 100, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
-}
-
-
-def _f(default, help: str, **meta):
-    meta["help"] = help
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class DataHparams:
-    dataset: str = _f("cifar10", "dataset: cifar10, cifar100, tiny-imagenet or imagenet")
-    data_dir: Optional[str] = _f(None, "folder holding cifar-10-batches-py (default: $BIP_FAST_DATA or ./data); "
-                                       "tiny-imagenet/imagenet: the dataset's root (train/, val/)")
-    workers: int = _f(0, "tiny-imagenet/imagenet: JPEG decoding processes (0: in the training process)")
-    batch_size: int = _f(128, "global training batch size (all ranks together)")
-    test_batch_size: int = _f(500, "evaluation batch size")
-    subset: Optional[Tuple[int, int]] = _f(None, "class-balanced subset N_TRAIN N_TEST for quick runs",
-                                           nargs=2, metavar=("N_TRAIN", "N_TEST"))
-    channels_last: bool = _f(False, "channels_last memory format for images and conv weights")
-
-
-@dataclass
-class ModelHparams:
-    arch: str = _f("resnet18", "architecture: resnet20/32/44/56/110, resnet18, vgg16_bn or tv_<name>")
-    pretrained: Optional[str] = _f(None, "prune: dense model to start from (model.pt, checkpoint.pt or a run folder)")
-
-
-@dataclass
-class PruneHparams:
-    method: str = _f("bip", "bip, imp, omp, hydra, dense, snip, grasp, synflow or gmp")
-    sparsity: float = _f(0.9, "fraction of prunable weights removed, in [0, 1)")
-    structure: Optional[str] = _f(None, "global, layer, filter, channel or nm (default per method)")
-    variant: str = _f("paper", "BiP variant: paper or official (the authors' effective update)")
-    schedule: str = _f("alternating", "BiP schedule: alternating (2 passes) or fused (1 pass)")
-    score_lr: Optional[float] = _f(None, "upper-level (score) learning rate (default: Hydra 0.1; BiP 0.1 x 39100 / "
-                                         "its steps, the paper's score lr x steps at any schedule length)")
-    score_weight_decay: Optional[float] = _f(None, "score weight decay (default: BiP 0, Hydra 5e-4)")
-    gamma: float = _f(1.0, "BiP gamma: the implicit-gradient term is scaled by 1/gamma")
-    lr2: float = _f(1e-4, "official BiP variant: implicit-gradient coefficient")
-    score_init: str = _f("magnitude", "BiP score init: magnitude or hydra")
-    imp_rate: float = _f(0.2, "IMP: fraction of remaining weights pruned per round")
-    rewind_epoch: int = _f(3, "IMP: epoch of dense round 0 the weights rewind to (0 with --pretrained)")
-    hydra_score_epochs: int = _f(20, "Hydra: epochs of the score phase (then --epochs of finetuning)")
-    pretrain_epochs: Optional[int] = _f(None, "prune without --pretrained: epochs of the dense phase run first "
-                                              "(default: the dense schedule, 160)")
-    score_samples: Optional[int] = _f(None, "SNIP/GraSP: training images the scores see (default: SNIP one "
-                                            "batch of --batch-size, GraSP 10 per class)")
-    grasp_temperature: float = _f(200.0, "GraSP: temperature dividing the logits of the score passes")
-    synflow_rounds: int = _f(100, "SynFlow: pruning rounds of the exponential schedule")
-    gmp_ramp_epochs: Optional[int] = _f(None, "GMP: epochs of the cubic pruning ramp (default: half of --epochs)")
-    gmp_every: int = _f(100, "GMP: steps between mask updates on the ramp")
-    nm_n: int = _f(2, "N of N:M structure")
-    nm_m: int = _f(4, "M of N:M structure")
-
-
-@dataclass
-class TrainHparams:
-    epochs: Optional[int] = _f(None, "training epochs of the stage (default per method)")
-    lr: Optional[float] = _f(None, "base (weight) learning rate, cosine-annealed (default per method)")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: Optional[float] = _f(None, "weight decay (default per method)")
-    seed: int = _f(0, "seed of model init, data order and subset choice")
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    bf16: bool = _f(False, "bf16 autocast for forward/backward")
-    compile: bool = _f(False, "torch.compile the model's forward")
-    sync_bn: bool = _f(False, "DDP on GPUs: SyncBatchNorm (batch statistics over the global batch)")
-    log_interval: int = _f(50, "steps between device->host metric syncs (progress bar)")
-    progress: bool = _f(True, "tqdm progress bars (shown on a terminal only)")
-    nonfinite_skips: int = _f(0, "steps with a NaN/inf loss or gradient to skip (no update) before the run stops "
-                                 "(per session: --resume takes the value given with it)")
-
-
-SECTIONS = (("data", DataHparams), ("model", ModelHparams), ("prune", PruneHparams), ("train", TrainHparams))
-_FIELD_SECTION: Dict[str, str] = {}
-for _sec, _cls in SECTIONS:
-    for _fl in fields(_cls):
-        assert _fl.name not in _FIELD_SECTION, f"duplicate hparam name {_fl.name}"
-        _FIELD_SECTION[_fl.name] = _sec
 _RUN_FIELDS = ("command", "out", "resume", "force", "checkpoint")
 
 
@@ -247,10 +133,10 @@ def flatten(d: Dict[str, Any], where: str = "config") -> Dict[str, Any]:
                 raise ValueError(f"{where}: section {key!r} must be a mapping, got {type(v).__name__}")
             for k2, v2 in v.items():
                 k2 = str(k2).replace("-", "_")
-                if _FIELD_SECTION.get(k2) != key:
+                if FIELD_SECTION.get(k2) != key:
                     raise ValueError(f"{where}: unknown hyper-parameter {key}.{k2}")
                 flat[k2] = v2
-        elif key in _FIELD_SECTION or key in _RUN_FIELDS:
+        elif key in FIELD_SECTION or key in _RUN_FIELDS:
             flat[key] = v
         else:
             raise ValueError(f"{where}: unknown hyper-parameter {k!r}")
@@ -294,8 +180,8 @@ class RunConfig:
         for k, v in flat.items():
             if k in _RUN_FIELDS:
                 run[k] = v
-            elif k in _FIELD_SECTION:
-                per[_FIELD_SECTION[k]][k] = v
+            elif k in FIELD_SECTION:
+                per[FIELD_SECTION[k]][k] = v
             else:
                 raise ValueError(f"config: unknown hyper-parameter {k!r}")
         for k in ("resume", "force"):
@@ -352,8 +238,6 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
-        from .models import ARCHS
-
         c, d, m, p, t = self.command, self.data, self.model, self.prune, self.train
         if c not in COMMANDS:
             raise ValueError(f"command: expected one of {', '.join(COMMANDS)}, got {c!r}")

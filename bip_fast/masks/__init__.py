@@ -12,6 +12,8 @@ from typing import Iterable, List, Optional, Sequence
 import torch
 
 from .. import ops
+from ..files.checkpoint import load, save_atomic
+from ..nn import masked_modules
 from ..ops import keep_count
 
 STRUCTURES = ("global", "layer", "filter", "channel", "nm")
@@ -101,17 +103,11 @@ def density_of(masks: Sequence[torch.Tensor]) -> float:
 
 def save_masks(model: torch.nn.Module, path) -> None:
     """Save {module name: bool mask} of a masked model (atomic write)."""
-    from ..engine.checkpoint import save_atomic
-    from ..nn import masked_modules
-
     save_atomic({"format": "bip_fast.masks/1", "masks": {n: mod.mask.cpu() for n, mod in masked_modules(model)}}, path)
 
 
 def load_masks(model: torch.nn.Module, path) -> None:
     """Load masks saved by :func:`save_masks` into a masked model, validating names and shapes."""
-    from ..engine.checkpoint import load
-    from ..nn import masked_modules
-
     obj = load(path)
     if not isinstance(obj, dict) or obj.get("format") != "bip_fast.masks/1":
         raise ValueError(f"path: {path} is not a bip_fast mask file")

@@ -12,6 +12,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import reference as _ref
+from ._impl import _cpp, _dense_views, _masked_weight_backward_impl, _masked_weight_impl, _triton
+from .autograd import MaskedWeightFn
 from ._dispatch import (
     BACKENDS,
     BackendUnavailableError,
@@ -83,37 +85,6 @@ def keep_count(n: int, density: float) -> int:
     if not math.isfinite(density) or not 0.0 <= density <= 1.0:
         raise ValueError(f"density: expected a value in [0, 1], got {density}")
     return min(n, int(math.floor(density * n + 0.5)))
-
-
-# --------------------------------------------------------------------------------------------
-# dense-layout helpers: elementwise kernels want one dense order shared by all operands
-# --------------------------------------------------------------------------------------------
-def _is_cl(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _dense_views(*ts: torch.Tensor):
-    """Views in which every operand is contiguous, and a function mapping results back.
-
-    channels_last tensors are viewed as contiguous NHWC (elementwise ops do not care about the
-    logical order), so nothing is copied and the result keeps the channels_last layout.
-    """
-    if all(_is_cl(t) for t in ts):
-        return [t.permute(0, 2, 3, 1) for t in ts], (lambda r: r.permute(0, 3, 1, 2))
-    return [t.contiguous() for t in ts], (lambda r: r)
-
-
-def _cpp():
-    from .. import _ext
-
-    _ext.load()
-    return torch.ops.bip_fast
-
-
-def _triton():
-    from . import triton as _tr
-
-    return _tr
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,15 +184,6 @@ def masked_weight_forward(theta: torch.Tensor, mask: torch.Tensor, *, backend: O
     return _masked_weight_impl(resolve_backend("masked_weight", theta.device, backend, dtype=theta.dtype), theta, mask)
 
 
-def _masked_weight_impl(name: str, theta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    if name == "reference":
-        return _ref.masked_weight_ref(theta, mask)
-    (t, m), back = _dense_views(theta, mask)
-    if name == "triton":
-        return back(_triton().masked_weight_triton(t, m))
-    return back(_cpp().masked_weight(t, m))
-
-
 def masked_weight_backward(
     grad: torch.Tensor,
     theta: torch.Tensor,
@@ -248,15 +210,6 @@ def _check_ig_scale(ig_scale) -> None:
         raise ValueError(f"ig_scale: expected a finite float, got {ig_scale!r}")
 
 
-def _masked_weight_backward_impl(name, grad, theta, mask, scores, ig_scale, need_theta, need_scores):
-    if name == "reference":
-        return _ref.masked_weight_backward_ref(grad, theta, mask, scores, ig_scale, need_theta, need_scores)
-    (g, t, m, s), back = _dense_views(grad, theta, mask, scores)
-    fn = _triton().masked_weight_backward_triton if name == "triton" else _cpp().masked_weight_backward
-    dt, ds = fn(g, t, m, s, ig_scale, bool(need_theta), bool(need_scores))
-    return (back(dt) if need_theta else dt), (back(ds) if need_scores else ds)
-
-
 def masked_weight(
     weight: torch.Tensor,
     scores: torch.Tensor,
@@ -266,8 +219,6 @@ def masked_weight(
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Differentiable z = m ⊙ θ; backward gives ∂ℓ/∂θ = m ⊙ g and ∂ℓ/∂s = G_s (SPEC §3)."""
-    from .autograd import MaskedWeightFn
-
     _check_weight_args(weight, mask, scores)
     _check_ig_scale(ig_scale)
     dtype = _common_dtype([weight, scores])

@@ -38,6 +38,7 @@ def _device_type(device: Union[str, torch.device, None]) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _triton_status(device_type: str) -> Tuple[bool, str]:
+    # Triton is an optional dependency, and importing it costs seconds: only when asked about.
     from . import triton as _tr
 
     ok, reason = _tr.available()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._impl import _masked_weight_backward_impl, _masked_weight_impl
+
 
 class MaskedWeightFn(torch.autograd.Function):
     """z = m ⊙ θ with the straight-through backward of SPEC §3.
@@ -16,8 +18,6 @@ class MaskedWeightFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, scores, mask, ig_scale: float, backend: str):
-        from . import _masked_weight_impl
-
         ctx.save_for_backward(weight, scores, mask)
         ctx.ig_scale = ig_scale
         ctx.backend = backend
@@ -25,8 +25,6 @@ class MaskedWeightFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from . import _masked_weight_backward_impl
-
         weight, scores, mask = ctx.saved_tensors
         need_theta, need_scores = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_theta or need_scores):

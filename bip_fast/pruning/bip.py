@@ -8,17 +8,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .base import (
-    Algorithm,
-    Batch,
-    SGDGroup,
-    _check_batch,
-    _check_choice,
-    _check_number,
-    _check_structure,
-    _project_into,
-    check_sparsity,
-)
+from .base import Algorithm, SGDGroup, _project_into
+from ._validate import Batch, _check_batch, _check_choice, _check_number, _check_structure, check_sparsity
 
 __all__ = ["BiP", "init_scores", "scaled_score_lr", "PAPER_HPARAMS", "PAPER_SCORE_STEPS"]
 

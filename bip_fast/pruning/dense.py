@@ -7,7 +7,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .base import Algorithm, Batch, SGDGroup
+from .base import Algorithm, SGDGroup
+from ._validate import Batch
 
 __all__ = ["Dense"]
 

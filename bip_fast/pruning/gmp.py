@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..masks import keep_count
-from .base import Batch, _check_number, check_sparsity
+from ._validate import Batch, _check_number, check_sparsity
 from .saliency import MaskedSGD, keep_largest
 
 __all__ = ["GMP"]

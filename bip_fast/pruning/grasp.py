@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Batch, _check_number
+from ._validate import Batch, _check_number
 from .saliency import OneShotPruner, accumulate_grads, check_batches, plain_copy
 
 __all__ = ["GraSP", "grasp_scores"]

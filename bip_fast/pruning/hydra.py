@@ -7,16 +7,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .base import (
-    Algorithm,
-    Batch,
-    SGDGroup,
-    _check_batch,
-    _check_structure,
-    _check_total_steps,
-    _project_into,
-    check_sparsity,
-)
+from .base import Algorithm, SGDGroup, _project_into
+from ._validate import Batch, _check_batch, _check_structure, _check_total_steps, check_sparsity
 from .bip import _NORM_TYPES, init_scores
 
 __all__ = ["Hydra"]

@@ -10,7 +10,8 @@ from torch import nn
 
 from .. import ops
 from ..masks import keep_count
-from .base import Algorithm, Batch, SGDGroup, _check_number
+from .base import Algorithm, SGDGroup
+from ._validate import Batch, _check_number
 
 __all__ = ["IMP"]
 

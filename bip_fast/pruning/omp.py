@@ -7,14 +7,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .base import (
-    Algorithm,
-    Batch,
-    SGDGroup,
-    _check_structure,
-    _project_into,
-    check_sparsity,
-)
+from .base import Algorithm, SGDGroup, _project_into
+from ._validate import Batch, _check_structure, check_sparsity
 
 __all__ = ["OMP"]
 

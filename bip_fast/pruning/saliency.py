@@ -30,7 +30,7 @@ from torch import nn
 from .. import ops
 from ..masks import keep_count
 from ..nn import finalize, masked_modules
-from .base import Batch, _check_batch, _check_choice, check_sparsity
+from ._validate import Batch, _check_batch, _check_choice, check_sparsity
 from .omp import OMP
 
 __all__ = ["SELECT_STRUCTURES", "keep_largest", "select_masks", "plain_copy", "check_batches", "accumulate_grads",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Batch
+from ._validate import Batch
 from .saliency import OneShotPruner, accumulate_grads, check_batches, plain_copy
 
 __all__ = ["SNIP", "snip_scores"]

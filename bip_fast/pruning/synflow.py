@@ -7,7 +7,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from .base import Batch
+from ._validate import Batch
 from .saliency import OneShotPruner, plain_copy
 
 __all__ = ["SynFlow", "synflow_scores"]

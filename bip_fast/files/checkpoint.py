@@ -9,7 +9,7 @@ interrupt never leaves a half-written temporary file or a traceback from inside 
 failed write (disk full, read-only folder) raises OSError naming the file.
 
 Every file carries a SHA-256 of its content as the zip comment of the archive
-(:mod:`bip_fast.engine.integrity`; plain ``torch.load`` still reads it) and :func:`load` verifies
+(:mod:`bip_fast.files.integrity`; plain ``torch.load`` still reads it) and :func:`load` verifies
 it: a file changed after it was written raises ValueError. Files without a checksum (older ones)
 load unverified.
 
@@ -36,7 +36,7 @@ import torch
 
 from . import integrity
 
-__all__ = ["save_atomic", "load", "rng_state", "set_rng_state", "defer_sigint"]
+__all__ = ["save_atomic", "write_text_atomic", "load", "rng_state", "set_rng_state", "defer_sigint"]
 
 
 def _check_path(path) -> Path:
@@ -95,6 +95,19 @@ def save_atomic(obj, path) -> None:
             raise OSError(e.errno, f"writing '{path}' failed: {e.strerror or e}") from e
 
 
+def write_text_atomic(path, text: str) -> None:
+    """``text`` (UTF-8) to ``path`` atomically: the same temporary file, fsync and rename as
+    :func:`save_atomic`, without a checksum (text files are read by people and YAML parsers)."""
+    path = _check_path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    with defer_sigint():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            _write_replace((text.encode("utf-8"),), path, directory)
+        except OSError as e:
+            raise OSError(e.errno, f"writing '{path}' failed: {e.strerror or e}") from e
+
+
 def _write_replace(parts, path: Path, directory: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -122,7 +135,7 @@ def load(path, map_location="cpu"):
 
     Raises FileNotFoundError if ``path`` does not exist and ValueError if it is not a readable
     checkpoint (truncated, garbage, not a torch file) or its content does not match its checksum
-    (:class:`bip_fast.engine.integrity.ChecksumError`).
+    (:class:`bip_fast.files.integrity.ChecksumError`).
     """
     path = _check_path(path)
     if not path.is_file():

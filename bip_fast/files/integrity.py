@@ -1,5 +1,4 @@
-"""File integrity: a content checksum on every torch file the engine writes, and the check that a
-run folder's files belong to one run.
+"""File integrity: a content checksum on every torch file the engine writes.
 
 Checksum. ``torch.save`` writes a zip archive; its end-of-central-directory record (the last 22
 bytes) ends with a comment length, 0 as written. :func:`seal` sets the comment to
@@ -11,20 +10,14 @@ by plain ``torch.save``) load unverified; :func:`status` tells which kind a file
 
 Cost: one SHA-256 pass over the bytes per save and per load (about 1-2 GB/s on one core), small
 next to serialisation itself.
-
-Run consistency. A run folder's ``config.yaml`` and ``checkpoint.pt`` both record the run's
-configuration; :func:`check_same_run` refuses files whose records disagree on what defines the
-run (command, arch, dataset, method, structure, sparsity), so a checkpoint copied in from another
-run can neither be resumed nor evaluated under the wrong name.
 """
 from __future__ import annotations
 
 import hashlib
 import struct
-from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Optional
 
-__all__ = ["seal", "sealed_tail", "unseal", "status", "ChecksumError", "check_same_run", "RUN_IDENTITY"]
+__all__ = ["seal", "sealed_tail", "unseal", "status", "ChecksumError"]
 
 _EOCD_SIG = b"PK\x05\x06"
 _EOCD_LEN = 22
@@ -96,65 +89,3 @@ def unseal(data, path) -> bytes:
         raise ChecksumError(f"'{path}' is corrupted: its content does not match its checksum (stored sha256 "
                             f"{stored[:12]}..., content {actual[:12]}...); restore it from a copy or rerun")
     return bytes(data)
-
-
-# --------------------------------------------------------------------------------------------
-# one run per folder: the records must agree
-# --------------------------------------------------------------------------------------------
-
-# (section, field) pairs that define what a run is; everything else may legitimately differ.
-RUN_IDENTITY = (("model", "arch"), ("data", "dataset"), ("prune", "method"), ("prune", "structure"),
-                ("prune", "sparsity"))
-
-
-def _norm(section: str, key: str, value):
-    if value is None:
-        return None
-    if key == "dataset":
-        return str(value).lower().replace("-", "")
-    if key == "arch":
-        return str(value).lower()
-    return value
-
-
-def check_same_run(stored: Mapping[str, Any], folder, what: str, file) -> None:
-    """Refuse when ``stored`` (a checkpoint's config dict) and ``folder/config.yaml`` describe
-    different runs. A folder without config.yaml, or an unreadable one, is not checked here."""
-    yaml_path = Path(folder) / "config.yaml"
-    if not yaml_path.is_file() or not isinstance(stored, Mapping):
-        return
-    from .hparams import RunConfig
-
-    try:
-        recorded: Dict[str, Any] = RunConfig.from_yaml(yaml_path).to_dict()
-    except (ValueError, FileNotFoundError, OSError):
-        return
-    keys = [("", "command")] + list(RUN_IDENTITY)
-    for sec, key in keys:
-        a = stored.get(key) if not sec else (stored.get(sec) or {}).get(key)
-        b = recorded.get(key) if not sec else (recorded.get(sec) or {}).get(key)
-        if sec == "prune" and key == "structure" and (a is None or b is None):
-            continue  # an unresolved config leaves it to the method default
-        if _norm(sec, key, a) != _norm(sec, key, b):
-            raise ValueError(f"{what}: '{file}' records {key}={a!r} but '{yaml_path}' records {key}={b!r}; "
-                             f"the files do not belong to one run")
-
-
-# --------------------------------------------------------------------------------------------
-# checks that need the model, run before the folder is touched
-# --------------------------------------------------------------------------------------------
-
-def check_nm_layers(model, n: int, m: int) -> None:
-    """N:M structure: every layer that will be masked needs an input dimension divisible by M
-    (a depthwise 3x3 conv has 9). Raises ValueError naming the first layer that has not."""
-    from ..nn import MASKED_TYPES
-    from ..nn.convert import _bypassed
-    from torch import nn
-
-    for name, mod in model.named_modules():
-        if not (isinstance(mod, MASKED_TYPES) or type(mod) in (nn.Conv2d, nn.Linear)) or _bypassed(model, name):
-            continue
-        k = mod.weight[0].numel()
-        if k % m:
-            raise ValueError(f"structure: {n}:{m} pruning needs every pruned layer's input dimension to divide by "
-                             f"{m}; layer {name!r} (weight {tuple(mod.weight.shape)}) has {k}")

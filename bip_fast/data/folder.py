@@ -24,7 +24,7 @@ and are normalised on the target device.
 
 Determinism and exact resume: every random decision of an epoch (the permutation and one 62-bit
 seed per position, from which that image's crop and flip are drawn) comes from a CPU generator
-seeded by ``(seed, epoch)``, as in :mod:`bip_fast.engine.data`. So the batches do not depend on
+seeded by ``(seed, epoch)``, as in :mod:`bip_fast.data.loaders`. So the batches do not depend on
 the number of workers, and ``state_dict()`` = (epoch, position) restores the rest of an epoch
 exactly.
 """
@@ -34,12 +34,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .data import Loader
+from .loaders import Loader
 
 __all__ = ["FOLDER_DATASETS", "SPECS", "scan", "FolderImages", "FolderLoader",
            "FolderData", "load_folder_dataset", "decode_rgb"]
@@ -238,10 +238,10 @@ def _collate(items):
 # Resumable loader
 # --------------------------------------------------------------------------------------------
 class FolderLoader(Loader):
-    """Batches over a folder dataset, with the bookkeeping of :class:`bip_fast.engine.data.Loader`
+    """Batches over a folder dataset, with the bookkeeping of :class:`bip_fast.data.Loader`
     (inherited: ``len``, ``epoch``, ``position``, ``set_epoch``, ``state_dict``/``load_state_dict``
     with the epoch generator state; one iterator at a time; breaking out keeps the position), so
-    :class:`bip_fast.engine.data.BilevelLoader` pairs two of them as it pairs CIFAR loaders.
+    :class:`bip_fast.data.BilevelLoader` pairs two of them as it pairs CIFAR loaders.
 
     ``train=True`` shuffles, augments and drops the last partial batch; ``train=False`` keeps
     order and the last batch. ``num_workers`` decoding processes (0: in this process) feed a
