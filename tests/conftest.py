@@ -28,3 +28,23 @@ def cuda_device():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    """The real CIFAR-10, loaded once per test module (the test_data_* files)."""
+    from _data_helpers import REAL
+    from bip_fast.data import load_dataset
+
+    if REAL is None:
+        pytest.skip("real CIFAR-10 not found")
+    return load_dataset("cifar10", data_dir=REAL, device="cpu", download=False)
+
+
+@pytest.fixture(scope="module")
+def triton_registered():
+    """The Triton ops registered, once per test module (the test_triton_* files)."""
+    from _triton_helpers import _OK, bt
+
+    if _OK:
+        bt.register()

@@ -1,4 +1,4 @@
-"""SNIP, GraSP, SynFlow and GMP against hand-worked values and plain-PyTorch computations.
+"""SNIP, GraSP, SynFlow and GMP scores and masks against hand-worked values and plain-PyTorch computations.
 
 Hand-checked toy: x -> W1 (2x2, no bias) -> W2 (1x2, no bias), one input x = (1, 1) and the
 linear loss ℓ = Σ out (dℓ/dout = 1), so every gradient and Hessian-gradient product has a
@@ -7,7 +7,6 @@ with plain nn layers and torch.autograd / torch.func, never with bip_fast code.
 """
 
 import copy
-import json
 import math
 
 import pytest
@@ -17,15 +16,16 @@ from torch import nn
 
 from bip_fast import GMP, SNIP, GraSP, SynFlow
 from bip_fast.nn import sparsify
-from bip_fast.pruning import get_algorithm
 from bip_fast.pruning.grasp import grasp_scores
 from bip_fast.pruning.saliency import keep_largest
 from bip_fast.pruning.snip import snip_scores
 from bip_fast.pruning.synflow import synflow_scores
 
+from _baselines_helpers import conv_net, img_batches
+
+
 W1 = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
 W2 = torch.tensor([[2.0, -1.0]])
-BASELINES = ("snip", "grasp", "synflow", "gmp")
 
 
 def tiny():
@@ -41,21 +41,6 @@ def sum_loss(out, _y):
 
 
 ONE = [(torch.ones(1, 2), torch.zeros(1))]
-
-
-def conv_net(bn=False):
-    torch.manual_seed(0)
-    layers = [nn.Conv2d(3, 6, 3, padding=1)]
-    layers += [nn.BatchNorm2d(6)] if bn else []
-    layers += [nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1, bias=False)]
-    layers += [nn.BatchNorm2d(8)] if bn else []
-    layers += [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)]
-    return nn.Sequential(*layers)
-
-
-def img_batches(seed, n, b=5):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(b, 3, 6, 6, generator=g), torch.randint(0, 4, (b,), generator=g)) for _ in range(n)]
 
 
 def weights_of(net):
@@ -278,154 +263,3 @@ def test_gmp_masks_follow_the_schedule(structure):
         assert sum(per) == math.floor(0.2 * sum(sizes) + 0.5)
     else:
         assert per == [math.floor(0.2 * n + 0.5) for n in sizes]
-
-
-# ----------------------------------------------------------------------------- common
-def make(name, sparsity=0.75, **kw):
-    extra = {"gmp": {"ramp_steps": 3, "prune_every": 1}, "synflow": {"rounds": 4}}.get(name, {})
-    alg = get_algorithm(name)(conv_net(bn=True), sparsity, lr=0.05, momentum=0.9, weight_decay=1e-3,
-                              total_steps=6, **extra, **kw)
-    alg.prepare(img_batches(5, 2))
-    return alg
-
-
-@pytest.mark.parametrize("name", BASELINES)
-@pytest.mark.parametrize("sparsity", [0.2, 0.5, 0.9, 0.98])
-def test_exact_k(name, sparsity):
-    alg = make(name, sparsity)
-    bs = img_batches(6, 5)
-    for b in bs:
-        out = alg.step(b)
-        assert bool(torch.isfinite(out["loss"]))
-    N = sum(m.numel() for m in alg.masks())
-    assert sum(int(m.sum()) for m in alg.masks()) == math.floor((1 - sparsity) * N + 0.5)
-    assert alg.sparsity() == pytest.approx(sparsity, abs=1 / N)
-
-
-@pytest.mark.parametrize("name", BASELINES)
-def test_layerwise_exact_k(name):
-    alg = make(name, 0.6, structure="layer")
-    for b in img_batches(7, 4):
-        alg.step(b)
-    assert [int(m.sum()) for m in alg.masks()] == [math.floor(0.4 * m.numel() + 0.5) for m in alg.masks()]
-
-
-@pytest.mark.parametrize("name", BASELINES)
-def test_resume_is_bit_identical(name):
-    bs = img_batches(8, 5)
-    straight = make(name)
-    for b in bs:
-        straight.step(b)
-    first = make(name)
-    for b in bs[:3]:
-        first.step(b)
-    sd = first.state_dict()
-    first.step(bs[3])  # the saved state must not alias live tensors
-    resumed = get_algorithm(name)(conv_net(bn=True), 0.75, lr=0.05, momentum=0.9, weight_decay=1e-3, total_steps=6,
-                                  **({"gmp": {"ramp_steps": 3, "prune_every": 1}, "synflow": {"rounds": 4}}
-                                     .get(name, {})))
-    resumed.load_state_dict(sd)  # no second prepare: the cut comes with the state
-    for b in bs[3:]:
-        resumed.step(b)
-    for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
-        assert torch.equal(a, b), k
-    for a, b in zip(straight.param_groups["weights"].buffers, resumed.param_groups["weights"].buffers):
-        assert torch.equal(a, b)
-    assert straight.step_count == resumed.step_count == 5
-
-
-@pytest.mark.parametrize("name", ["snip", "grasp", "synflow"])
-def test_prepare_contract(name):
-    cls = get_algorithm(name)
-    alg = cls(conv_net(), 0.5)
-    with pytest.raises(RuntimeError, match="prepare"):
-        alg.step(img_batches(9, 1)[0])
-    with pytest.raises(ValueError, match="batches: expected at least one"):
-        alg.prepare([])
-    with pytest.raises(TypeError, match="batches"):
-        alg.prepare(torch.ones(3))
-    with pytest.raises(TypeError, match=r"batches\[0\]"):
-        alg.prepare([torch.ones(2, 3, 6, 6)])
-    alg.prepare(iter(img_batches(9, 2)))  # any iterable
-    with pytest.raises(RuntimeError, match="already"):
-        alg.prepare(img_batches(9, 1))
-    with pytest.raises(ValueError, match="structure"):
-        cls(conv_net(), 0.5, structure="filter")
-    with pytest.raises(ValueError, match="sparsity"):
-        cls(conv_net(), 1.0)
-
-
-def test_baseline_bad_hparams():
-    with pytest.raises(ValueError, match="temperature"):
-        GraSP(conv_net(), 0.5, temperature=0.0)
-    with pytest.raises(ValueError, match="rounds"):
-        SynFlow(conv_net(), 0.5, rounds=0)
-    with pytest.raises(TypeError, match="rounds"):
-        SynFlow(conv_net(), 0.5, rounds=2.0)
-    with pytest.raises(ValueError, match="ramp_steps: needed"):
-        GMP(conv_net(), 0.5)
-    with pytest.raises(ValueError, match="must be < total_steps"):
-        GMP(conv_net(), 0.5, start_step=3, ramp_steps=7, total_steps=10)
-    with pytest.raises(ValueError, match="initial_sparsity"):
-        GMP(conv_net(), 0.5, initial_sparsity=0.6, ramp_steps=2)
-    with pytest.raises(ValueError, match="prune_every"):
-        GMP(conv_net(), 0.5, ramp_steps=2, prune_every=0)
-    gmp = GMP(conv_net(), 0.5, ramp_steps=2, total_steps=8)
-    with pytest.raises(ValueError, match="ramp_steps"):
-        gmp.load_state_dict(GMP(conv_net(), 0.5, ramp_steps=3, total_steps=8).state_dict())
-    with pytest.raises(ValueError, match="state_dict"):
-        SNIP(conv_net(), 0.5).load_state_dict(GraSP(conv_net(), 0.5).state_dict())
-
-
-# ----------------------------------------------------------------------------- engine + CLI
-def test_engine_plans_and_runs_every_baseline(tmp_path):
-    from test_loop import config, synthetic, tiny_model
-
-    from bip_fast.engine import Trainer, plan_segments
-
-    for name in BASELINES:
-        cfg = config(tmp_path / name, method=name, sparsity=0.8, epochs=2, pretrain_epochs=1, synflow_rounds=3,
-                     gmp_every=1).resolved()
-        kinds = [s.kind for s in plan_segments(cfg)]
-        assert kinds == (["dense", "gmp"] if name == "gmp" else [name])  # SNIP/GraSP/SynFlow prune the init
-        rep = Trainer(cfg, dataset=synthetic(), model_fn=tiny_model).run()
-        assert rep["kept"] == math.floor(0.2 * rep["prunable"] + 0.5), name
-        hist = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert len(hist) == len(kinds) + 1
-
-
-@pytest.mark.parametrize("name,kill_after", [("grasp", 1), ("gmp", 2)])
-def test_engine_resume_is_bit_identical(tmp_path, name, kill_after):
-    from test_loop import Kill, assert_same, config, final_state, killer, synthetic, tiny_model
-
-    from bip_fast.engine.loop import Trainer
-
-    kw = dict(method=name, sparsity=0.7, epochs=2, pretrain_epochs=1, gmp_every=1, score_samples=20)
-    ds = synthetic()
-    straight = Trainer(config(tmp_path / "a", **kw), dataset=ds, model_fn=tiny_model)
-    straight.run()
-    first = Trainer(config(tmp_path / "b", **kw), dataset=ds, model_fn=tiny_model, callbacks=[killer(kill_after)])
-    with pytest.raises(Kill):
-        first.run()
-    resumed = Trainer(config(tmp_path / "b", resume=True), dataset=ds, model_fn=tiny_model)
-    resumed.run()
-    for a, b, what in zip(final_state(straight), final_state(resumed), ("model", "algorithm")):
-        assert_same(a, b, what)
-
-
-def test_cli_flags_and_errors(tmp_path, capsys):
-    from bip_fast.cli import main
-    from bip_fast.engine.hparams import RunConfig
-
-    cfg = RunConfig.from_flat({"method": "grasp", "command": "prune"}).resolved()
-    assert (cfg.train.epochs, cfg.train.lr, cfg.prune.grasp_temperature) == (160, 0.1, 200.0)
-    assert RunConfig.from_flat({"method": "gmp"}).resolved().train.epochs == 100
-    for argv, expect in (
-        (["--method", "snip", "--structure", "filter"], "structure: snip prunes globally or layer-wise"),
-        (["--method", "grasp", "--grasp-temperature", "0"], "grasp_temperature"),
-        (["--method", "synflow", "--synflow-rounds", "0"], "synflow_rounds"),
-        (["--method", "gmp", "--gmp-every", "0"], "gmp_every"),
-    ):
-        assert main(["prune", "--out", str(tmp_path / "x"), *argv]) == 2
-        assert expect in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
