@@ -26,13 +26,19 @@ from typing import Any, Dict, List, Optional
 
 try:
     from . import _common as C
-    from . import speedup as S
+    from . import _speedup_loop as L
+    from . import _speedup_presets as P
+    from . import _speedup_report as R
+    from . import _speedup_runs as S
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common as C  # type: ignore[no-redef]
-    import speedup as S  # type: ignore[no-redef]
+    import _speedup_loop as L  # type: ignore[no-redef]
+    import _speedup_presets as P  # type: ignore[no-redef]
+    import _speedup_report as R  # type: ignore[no-redef]
+    import _speedup_runs as S  # type: ignore[no-redef]
 
-PAPER = S.PAPER_HPARAMS
+PAPER = P.PAPER_HPARAMS
 
 
 def configs(bip_steps: int) -> Dict[str, Dict[str, Any]]:
@@ -62,7 +68,7 @@ def configs(bip_steps: int) -> Dict[str, Dict[str, Any]]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(S.PRESETS), default="cpu")
+    p.add_argument("--preset", choices=sorted(P.PRESETS), default="cpu")
     p.add_argument("--round", type=int, default=9, help="target: 0.8^round density (9: 86.6%% sparsity)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--only", default=None, help="comma-separated substrings: run only matching configs")
@@ -97,16 +103,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             for i, (name, c) in enumerate(cfgs.items()):
                 run_id = f"cfg{i:02d}-seed{seed}"
                 if args.report_only:
-                    res = S._load_result(ctx, run_id)
+                    res = L._load_result(ctx, run_id)
                     if res is None:
                         continue
                 else:
                     steps = max(1, round(c["length"] * st["bip"]))
                     ov = dict(c["overrides"], total_steps=steps)
                     res = S.run_one_shot(ctx, c["method"], args.round, seed, pre, run_id=run_id,
-                                         overrides=ov, segments=[S.Segment("bip", steps)])
+                                         overrides=ov, segments=[L.Segment("bip", steps)])
                 rows.append(dict(res, config=name, dense_acc=pre["test_acc"]))
-    except S.Stop as s:
+    except L.Stop as s:
         stopped = str(s)
     table = ["| config | seeds | test acc % | dense % | mask entries changed | train s |", "|---|---|---|---|---|---|"]
     summary = []
@@ -114,21 +120,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         got = [r for r in rows if r["config"] == name]
         if not got:
             continue
-        acc, std = S.R.mean_std([r["test_acc"] for r in got])
+        acc, std = R.mean_std([r["test_acc"] for r in got])
         ch = statistics.mean(r.get("mask_change", float("nan")) for r in got)
         sec = statistics.mean(r["train_seconds"] for r in got)
         dense = statistics.mean(r["dense_acc"] for r in got)
         summary.append({"config": name, "method": got[0]["method"], "overrides": got[0]["overrides"],
                         "n_seeds": len(got), "test_acc": acc, "test_acc_std": std, "dense_acc": dense,
                         "mask_change": ch, "train_seconds": sec, "curves": [r["curve"] for r in got]})
-        table.append(f"| {name} | {len(got)} | {S.R._pct(acc, std)} | {100 * dense:.2f} | {100 * ch:.1f}% | {sec:.0f} |")
+        table.append(f"| {name} | {len(got)} | {R._pct(acc, std)} | {100 * dense:.2f} | {100 * ch:.1f}% | {sec:.0f} |")
     print("\n".join(table))
     if stopped:
         print(f"\nstopped (--max-minutes) in {stopped}; rerun with --resume to continue")
     path = args.json or os.path.join(args.out, "ablation.json")
     C.write_json(path, benchmark="bip_ablation", env=env, rows=[],
                  config=dict(cfg, preset=args.preset, round=args.round, steps=st, device=str(device),
-                             paper_bip_steps=S.PAPER_BIP_STEPS),
+                             paper_bip_steps=P.PAPER_BIP_STEPS),
                  extra={"results": summary, "table": "\n".join(table),
                         "complete": stopped is None and len(summary) == len(cfgs),
                         "continue_command": f"python benchmarks/bip_ablation.py --preset {args.preset} "

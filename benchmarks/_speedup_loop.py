@@ -1,0 +1,208 @@
+"""The training loop of ``benchmarks/speedup.py``: the run context (schedule lengths in steps, the
+--max-minutes deadline), timed training steps, evaluation, and the generic resumable run: a list
+of segments, checkpointed at epoch boundaries, whose result is saved to runs/<run>.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+try:  # imported as part of a package (python -m benchmarks.speedup)
+    from . import _common as C
+    from ._speedup_presets import BIP_FRACTION, HYDRA_FINETUNE_FRACTION, HYDRA_SCORE_FRACTION, REWIND_FRACTION
+except ImportError:  # run as a script, or loaded from its file path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _common as C  # type: ignore[no-redef]
+    from _speedup_presets import (  # type: ignore[no-redef]
+        BIP_FRACTION, HYDRA_FINETUNE_FRACTION, HYDRA_SCORE_FRACTION, REWIND_FRACTION)
+
+from bip_fast.data import BilevelLoader
+from bip_fast.files import checkpoint as ckpt
+from bip_fast.models import CifarResNet, build
+
+
+class Stop(Exception):
+    """The --max-minutes budget ran out; state is saved, a rerun with --resume continues."""
+
+
+# --------------------------------------------------------------------------------------------
+# context
+# --------------------------------------------------------------------------------------------
+class Ctx:
+    def __init__(self, args, cfg: Dict[str, Any], device: torch.device, data) -> None:
+        self.args, self.cfg, self.device, self.data = args, cfg, device, data
+        self.out = args.out
+        self.runs_dir = os.path.join(self.out, "runs")
+        self.ckpt_dir = os.path.join(self.out, "ckpt")
+        self.deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+        spe = cfg["train_samples"] // cfg["batch_size"]
+        self.steps_per_epoch = spe
+        D = cfg["dense_epochs"] * spe
+        self.D = D
+        self.steps = {
+            "dense": D,
+            "imp_round": D,
+            "bip": max(1, round(BIP_FRACTION * D)),
+            "omp": D,
+            "hydra_score": max(1, round(HYDRA_SCORE_FRACTION * D)),
+            "hydra_finetune": max(1, round(HYDRA_FINETUNE_FRACTION * D)),
+            "rewind": max(1, round(REWIND_FRACTION * D)),
+        }
+        self.warmed: set = set()
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def _build(arch: str) -> torch.nn.Module:
+    if arch == "resnet8":  # the engine's CIFAR ResNet at depth 8 (6n+2, n=1): the quick preset's size
+        return CifarResNet(8)
+    return build(arch)
+
+
+def _batches(loader) -> Iterator:
+    while True:
+        for b in loader:
+            yield b
+
+
+def _loader(ctx: Ctx, seed: int, bilevel: bool):
+    d, bs = ctx.data, ctx.cfg["batch_size"]
+    aug = ctx.cfg.get("augment", True)
+    lower = d.train_loader(bs, seed=1000 * seed + 1, augment=aug)
+    if not bilevel:
+        return lower
+    return BilevelLoader(lower, d.train_loader(bs, seed=1000 * seed + 2, augment=aug))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ctx: Ctx) -> float:
+    was = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    n = 0
+    for x, y in ctx.data.test_loader(500):
+        correct += (model(x).argmax(1) == y).sum()
+        n += y.shape[0]
+    model.train(was)
+    return float(correct) / n
+
+
+def _timed_steps(alg, batches, n: int, bilevel: bool, device: torch.device) -> float:
+    """Run ``n`` training steps; seconds of wall-clock with the device synchronised at both ends."""
+    C.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        b = next(batches)
+        if bilevel:
+            alg.step(b[0], b[1])
+        else:
+            alg.step(b)
+    C.synchronize(device)
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------
+# generic resumable run: a list of segments (steps of one phase), each with enter / end hooks
+# --------------------------------------------------------------------------------------------
+class Segment:
+    def __init__(self, name: str, steps: int, enter: Optional[Callable] = None, end: Optional[Callable] = None):
+        self.name, self.steps, self.enter, self.end = name, steps, enter, end
+
+
+def _run_path(ctx: Ctx, run_id: str) -> str:
+    return os.path.join(ctx.runs_dir, f"{run_id}.json")
+
+
+def eval_points(total: int, n: Optional[int]) -> List[int]:
+    """``n`` evaluation steps evenly spread over a schedule of ``total`` steps (the last = ``total``)."""
+    if not n:
+        return [total]
+    return sorted({max(1, round(total * (i + 1) / n)) for i in range(n)})
+
+
+def execute(ctx: Ctx, run_id: str, alg, segments: List[Segment], seed: int, bilevel: bool,
+            extra: Optional[Dict[str, Any]] = None, eval_at: Sequence[int] = ()) -> Dict[str, Any]:
+    """Train ``alg`` through ``segments`` (resumable); returns {"train_seconds", "records", "curve", ...}.
+
+    ``eval_at``: step counts (over all segments) after which the model is evaluated on the test
+    split; each evaluation appends {"step", "train_seconds", "test_acc"} to ``state["curve"]``
+    (evaluation time is not training time)."""
+    ck_path = os.path.join(ctx.ckpt_dir, f"{run_id}.pt")
+    loader = _loader(ctx, seed, bilevel)
+    state = {"seg": 0, "seg_step": 0, "step": 0, "train_seconds": 0.0, "records": [], "curve": [],
+             "extra": extra or {}}
+    if os.path.exists(ck_path):
+        saved = ckpt.load(ck_path, map_location=ctx.device)
+        alg.load_state_dict(saved["alg"])
+        loader.load_state_dict(saved["loader"])
+        state = saved["state"]
+        C.log(f"[speedup] {run_id}: resumed at segment {state['seg']} step {state['seg_step']}")
+    batches = _batches(loader)
+    pending = sorted(set(int(e) for e in eval_at))
+
+    def save():
+        ckpt.save_atomic({"alg": alg.state_dict(), "loader": loader.state_dict(), "state": state}, ck_path)
+
+    while state["seg"] < len(segments):
+        seg = segments[state["seg"]]
+        if state["seg_step"] == 0 and seg.enter is not None:
+            seg.enter(alg, state)
+        while state["seg_step"] < seg.steps:
+            n = min(ctx.steps_per_epoch, seg.steps - state["seg_step"])
+            nxt = next((e for e in pending if e > state["step"]), None)
+            if nxt is not None:
+                n = min(n, nxt - state["step"])
+            state["train_seconds"] += _timed_steps(alg, batches, n, bilevel, ctx.device)
+            state["seg_step"] += n
+            state["step"] += n
+            if state["step"] in pending:
+                state["curve"].append({"step": state["step"], "train_seconds": state["train_seconds"],
+                                       "test_acc": evaluate(alg.model, ctx)})
+            if state["seg_step"] < seg.steps:
+                save()
+                if ctx.out_of_time():
+                    raise Stop(run_id)
+        if seg.end is not None:
+            seg.end(alg, state)
+        state["seg"] += 1
+        state["seg_step"] = 0
+        if state["seg"] < len(segments):
+            save()
+            if ctx.out_of_time():
+                raise Stop(run_id)
+    if os.path.exists(ck_path):
+        os.remove(ck_path)
+    return state
+
+
+def _warmup(ctx: Ctx, key: str, make: Callable[[], Any], bilevel: bool) -> None:
+    """A few untimed steps of a throwaway instance (allocator, cuDNN, Triton compilation)."""
+    if key in ctx.warmed:
+        return
+    alg = make()
+    loader = _loader(ctx, 999, bilevel)
+    _timed_steps(alg, _batches(loader), 3, bilevel, ctx.device)
+    ctx.warmed.add(key)
+    del alg
+
+
+def _save_result(ctx: Ctx, run_id: str, result: Dict[str, Any]) -> None:
+    os.makedirs(ctx.runs_dir, exist_ok=True)
+    tmp = _run_path(ctx, run_id) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, _run_path(ctx, run_id))
+
+
+def _load_result(ctx: Ctx, run_id: str) -> Optional[Dict[str, Any]]:
+    p = _run_path(ctx, run_id)
+    if os.path.exists(p):
+        with open(p) as f:
+            return json.load(f)
+    return None

@@ -1,0 +1,293 @@
+"""The runs of ``benchmarks/speedup.py``: dense pretraining (cached by config hash; also the longer
+run of the convergence check), IMP and every one-shot method on the loop of ``_speedup_loop``, and
+the set-up of a run's output folder, data and context."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+try:  # imported as part of a package (python -m benchmarks.speedup)
+    from . import _common as C
+    from ._speedup_loop import Ctx, Segment, _build, _load_result, _save_result, _warmup, eval_points, evaluate, execute
+    from ._speedup_presets import AT_INIT, BIP_CONFIGS, IMP_RATE, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS
+except ImportError:  # run as a script, or loaded from its file path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _common as C  # type: ignore[no-redef]
+    from _speedup_loop import (  # type: ignore[no-redef]
+        Ctx, Segment, _build, _load_result, _save_result, _warmup, eval_points, evaluate, execute)
+    from _speedup_presets import (  # type: ignore[no-redef]
+        AT_INIT, BIP_CONFIGS, IMP_RATE, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS)
+
+import bip_fast
+from bip_fast.data import load_dataset
+from bip_fast.files import checkpoint as ckpt
+from bip_fast.pruning import get_algorithm
+from bip_fast.pruning.bip import scaled_score_lr
+
+
+# --------------------------------------------------------------------------------------------
+# dense pretraining (cached by config hash)
+# --------------------------------------------------------------------------------------------
+def pretrain_key(ctx: Ctx, seed: int, factor: float = 1.0) -> Dict[str, Any]:
+    c = ctx.cfg
+    key = {"arch": c["arch"], "train_subset": c["train_subset"], "test_subset": c["test_subset"],
+           "dense_steps": round(factor * ctx.D), "batch_size": c["batch_size"], "lr": 0.1, "weight_decay": 5e-4,
+           "momentum": 0.9, "rewind_step": ctx.steps["rewind"], "seed": seed, "device": ctx.device.type,
+           "data_seed": 0, "format": 1}
+    for k in ("eval_points", "augment"):
+        if k in c:
+            key[k] = c[k]
+    return key
+
+
+def pretrain(ctx: Ctx, seed: int, factor: float = 1.0) -> Dict[str, Any]:
+    """Dense training for ``factor`` x D steps (cosine over all of them), cached by config hash.
+
+    Returns {"final", "rewind", "test_acc", "train_seconds", "curve", "steps", ...}; the curve
+    holds test accuracies at ``eval_points`` even fractions of the schedule."""
+    key = pretrain_key(ctx, seed, factor)
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    os.makedirs(ctx.args.cache_dir, exist_ok=True)
+    path = os.path.join(ctx.args.cache_dir, f"pretrained-{h}.pt")
+    what = "dense pretraining" if factor == 1.0 else f"dense training x{factor:g} (convergence check)"
+    if os.path.exists(path):
+        obj = ckpt.load(path, map_location=ctx.device)
+        C.log(f"[speedup] {what} seed {seed}: cached {path}")
+        return obj
+    steps = key["dense_steps"]
+    torch.manual_seed(seed)
+    model = _build(ctx.cfg["arch"]).to(ctx.device)
+    alg = bip_fast.Dense(model, lr=0.1, momentum=0.9, weight_decay=5e-4, total_steps=steps)
+    _warmup(ctx, "dense", lambda: bip_fast.Dense(copy.deepcopy(model), total_steps=steps), False)
+    run_id = f"pretrain-{h}"
+
+    def snap(a, state):
+        state["extra"]["rewind"] = {k: v.detach().clone() for k, v in a.model.state_dict().items()}
+
+    segs = [Segment("dense_to_rewind", ctx.steps["rewind"], end=snap),
+            Segment("dense", steps - ctx.steps["rewind"])]
+    C.log(f"[speedup] {what} seed {seed}: {steps} steps")
+    state = execute(ctx, run_id, alg, segs, seed, False, eval_at=eval_points(steps, ctx.cfg.get("eval_points")))
+    obj = {"key": key, "seed": seed, "factor": factor, "steps": steps,
+           "final": {k: v.detach().clone() for k, v in alg.model.state_dict().items()},
+           "rewind": state["extra"]["rewind"], "test_acc": state["curve"][-1]["test_acc"],
+           "curve": state["curve"], "train_seconds": state["train_seconds"]}
+    C.log(f"[speedup] {what} seed {seed}: acc {obj['test_acc']:.4f} {obj['train_seconds']:.1f}s")
+    ckpt.save_atomic(obj, path)
+    return obj
+
+
+def _model_from(ctx: Ctx, sd: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = _build(ctx.cfg["arch"]).to(ctx.device)
+    model.load_state_dict(sd)
+    return model
+
+
+def _load_plain(model: torch.nn.Module, sd: Dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    bad = [k for k in missing if not (k.endswith("mask") or k.endswith("scores"))]
+    if bad or unexpected:
+        raise RuntimeError(f"state dict mismatch: missing {bad}, unexpected {unexpected}")
+
+
+# --------------------------------------------------------------------------------------------
+# methods
+# --------------------------------------------------------------------------------------------
+def run_imp(ctx: Ctx, seed: int, pre: Dict[str, Any]) -> Dict[str, Any]:
+    run_id = f"imp-seed{seed}"
+    done = _load_result(ctx, run_id)
+    if done is not None:
+        return done
+    rounds = max(TARGET_ROUNDS)
+    D = ctx.steps["imp_round"]
+
+    def make():
+        alg = bip_fast.IMP(_model_from(ctx, pre["rewind"]), rate=IMP_RATE, rewind_step=0, lr=0.1, momentum=0.9,
+                           weight_decay=5e-4, total_steps=D)
+        with torch.no_grad():
+            _load_plain(alg.model, pre["final"])  # prune from the trained weights, rewind to the early ones
+        return alg
+
+    def make_warm():
+        a = make()
+        a.next_round()
+        return a
+
+    _warmup(ctx, "imp", make_warm, False)
+    alg = make()
+
+    def enter(a, state):
+        a.next_round()
+
+    def end(a, state):
+        state["records"].append({"round": a.round, "sparsity": a.sparsity(), "test_acc": evaluate(a.model, ctx),
+                                 "cum_train_seconds": state["train_seconds"]})
+        r = state["records"][-1]
+        C.log(f"[speedup] IMP seed {seed} round {r['round']}: sparsity {r['sparsity']:.4f} acc {r['test_acc']:.4f} "
+              f"cum {r['cum_train_seconds']:.1f}s")
+
+    segs = [Segment(f"round{r}", D, enter=enter, end=end) for r in range(1, rounds + 1)]
+    state = execute(ctx, run_id, alg, segs, seed, False)
+    result = {"method": "imp", "seed": seed, "records": state["records"], "train_seconds": state["train_seconds"]}
+    _save_result(ctx, run_id, result)
+    return result
+
+
+def bip_kwargs(method: str, steps: int) -> Dict[str, Any]:
+    """BiP constructor arguments of a BiP method of this benchmark (``steps`` = its schedule length),
+    with the score learning rate resolved as BiP resolves ``score_lr=None``."""
+    kw = dict(BIP_CONFIGS[method])
+    if "score_lr" in kw and kw["score_lr"] is None:
+        kw["score_lr"] = scaled_score_lr(steps)
+    return kw
+
+
+def make_algorithm(ctx: Ctx, method: str, model: torch.nn.Module, sparsity: float,
+                   overrides: Optional[Dict[str, Any]] = None):
+    """The algorithm object of a one-shot ``method`` at ``sparsity`` with this preset's schedule."""
+    st = ctx.steps
+    if method in BIP_CONFIGS:
+        kw = dict(bip_kwargs(method, st["bip"]), momentum=0.9, total_steps=st["bip"])
+        kw.update(overrides or {})
+        return bip_fast.BiP(model, sparsity, **kw)
+    if method == "omp":
+        return bip_fast.OMP(model, sparsity, lr=0.1, momentum=0.9, weight_decay=5e-4, total_steps=st["omp"])
+    if method == "hydra":
+        return bip_fast.Hydra(model, sparsity, score_lr=0.1, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                              total_steps=st["hydra_score"], finetune_steps=st["hydra_finetune"])
+    common = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, total_steps=st["omp"])
+    if method == "gmp":
+        # cubic ramp over the first half of the schedule, ~10 pruning events, then finetuning
+        return bip_fast.GMP(model, sparsity, prune_every=max(1, st["omp"] // 20), **common)
+    if method in AT_INIT:
+        return get_algorithm(method)(model, sparsity, **common)
+    raise ValueError(f"method: unknown method {method!r}")
+
+
+def method_segments(ctx: Ctx, method: str) -> List[Segment]:
+    st = ctx.steps
+    if method.startswith("bip"):
+        return [Segment("bip", st["bip"])]
+    if method == "omp":
+        return [Segment("omp", st["omp"])]
+    if method == "hydra":
+        return [Segment("hydra_score", st["hydra_score"]),
+                Segment("hydra_finetune", st["hydra_finetune"], enter=lambda a, s: a.finetune())]
+    if method == "gmp":
+        return [Segment("gmp", st["omp"])]
+    if method in AT_INIT:
+        def cut(alg, state):  # the scores and the cut count as training time
+            batch = next(iter(ctx.data.train_loader(SCORE_SAMPLES[method], seed=7, augment=False)))
+            C.synchronize(ctx.device)
+            t0 = time.perf_counter()
+            alg.prepare([batch])
+            C.synchronize(ctx.device)
+            state["train_seconds"] += time.perf_counter() - t0
+        return [Segment("train", st["omp"], enter=cut)]
+    raise ValueError(f"method: unknown method {method!r}")
+
+
+def run_one_shot(ctx: Ctx, method: str, target_round: int, seed: int, pre: Dict[str, Any],
+                 run_id: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
+                 segments: Optional[List[Segment]] = None) -> Dict[str, Any]:
+    sparsity = 1.0 - (1.0 - IMP_RATE) ** target_round
+    run_id = run_id or f"{method}-r{target_round}-seed{seed}"
+    done = _load_result(ctx, run_id)
+    if done is not None:
+        return done
+    bilevel = method.startswith("bip")
+
+    def make():
+        if method in AT_INIT:
+            torch.manual_seed(seed)  # the dense run's initialisation (pretrain seeds the same way)
+            model = _build(ctx.cfg["arch"]).to(ctx.device)
+        else:
+            model = _model_from(ctx, pre["final"])
+        return make_algorithm(ctx, method, model, sparsity, overrides)
+
+    def make_warm():
+        a = make()
+        if method in AT_INIT:
+            a.prepare([next(iter(ctx.data.train_loader(SCORE_SAMPLES[method], seed=7, augment=False)))])
+        return a
+
+    _warmup(ctx, method, make_warm, bilevel)
+    alg = make()
+    segs = segments or method_segments(ctx, method)
+    total = sum(s.steps for s in segs)
+    C.log(f"[speedup] {run_id} sparsity {sparsity:.4f}: {total} steps")
+    extra = {"initial_masks": [m.detach().clone() for m in alg.masks()]}
+    state = execute(ctx, run_id, alg, segs, seed, bilevel, extra=extra,
+                    eval_at=eval_points(total, ctx.cfg.get("eval_points")))
+    result = {"method": method, "seed": seed, "target_round": target_round, "target_sparsity": sparsity,
+              "sparsity": alg.sparsity(), "test_acc": state["curve"][-1]["test_acc"],
+              "train_seconds": state["train_seconds"], "steps": total, "curve": state["curve"],
+              "overrides": overrides or {}}
+    if "initial_masks" in state["extra"]:
+        result["mask_change"] = mask_change(state["extra"]["initial_masks"], alg.masks())
+    C.log(f"[speedup] {run_id}: sparsity {result['sparsity']:.4f} "
+          f"acc {result['test_acc']:.4f} {result['train_seconds']:.1f}s")
+    _save_result(ctx, run_id, result)
+    return result
+
+
+def mask_change(before: List[torch.Tensor], after: List[torch.Tensor]) -> float:
+    """Fraction of the kept entries of ``after`` that were not kept in ``before``."""
+    kept = sum(int(a.sum()) for a in after)
+    new = sum(int(((a > 0) & (b == 0)).sum()) for a, b in zip(after, before))
+    return new / max(kept, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# set-up
+# --------------------------------------------------------------------------------------------
+def _device(arg: str) -> torch.device:
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(arg)
+
+
+def setup(args, cfg, device: torch.device):
+    """Output folder, data and context of a run of ``cfg`` (a preset name or dict); (None, ...) on
+    bad input (the reason is printed). Without ``args.resume`` the folder's runs are cleared;
+    with it, the folder must hold runs of the very same configuration."""
+    cfg = dict(PRESETS[cfg]) if isinstance(cfg, str) else cfg
+    args.cache_dir = args.cache_dir or os.path.join(C.RESULTS_DIR, "cache")
+    data_dir = args.data_dir or os.environ.get("BIP_FAST_DATA")
+    subset = None if cfg["train_subset"] is None and cfg["test_subset"] is None else (cfg["train_subset"],
+                                                                                    cfg["test_subset"])
+    try:
+        data = load_dataset("cifar10", data_dir=data_dir, device=device, subset=subset, seed=0)
+    except FileNotFoundError as e:
+        print(f"CIFAR-10 not found and not downloadable: {e}\nPoint --data-dir (or the BIP_FAST_DATA environment "
+              f"variable) at a folder holding cifar-10-batches-py.", file=sys.stderr)
+        return None, cfg, data_dir
+    cfg["train_samples"], cfg["test_samples"] = int(data.train_x.shape[0]), int(data.test_x.shape[0])
+    ctx = Ctx(args, cfg, device, data)
+    # Finished runs are reused by --resume only under the very same configuration.
+    fingerprint = {k: cfg[k] for k in sorted(cfg)}
+    fingerprint.update(device=device.type, steps=ctx.steps)
+    fp_path = os.path.join(args.out, "config.json")
+    if args.resume and os.path.exists(fp_path):
+        with open(fp_path) as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(fingerprint)):
+            print(f"--resume: {args.out} holds runs of another configuration ({old}); use another --out or "
+                  f"drop --resume to start over", file=sys.stderr)
+            return None, cfg, data_dir
+    if not args.resume:
+        for sub in ("runs", "ckpt"):
+            shutil.rmtree(os.path.join(args.out, sub), ignore_errors=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(fp_path, "w") as f:
+        json.dump(fingerprint, f, indent=1)
+    return ctx, cfg, data_dir
