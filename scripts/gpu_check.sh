@@ -273,7 +273,7 @@ sys.exit(pytest.main(sys.argv[1:]))'
   fi
   if data=$(find_data); then
     envs+=(BIP_FAST_TEST_DATA="$data")
-    # tests/test_data.py checks the whole set's shapes under BIP_FAST_DATA: only for the whole set
+    # tests/test_data_cifar.py checks the whole set's shapes under BIP_FAST_DATA: only for the whole set
     [ -f "$data/SUBSET.txt" ] || envs+=(BIP_FAST_DATA="$data")
     NOTE="$NOTE; CIFAR-10 from $data"
   else

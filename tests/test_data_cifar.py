@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bip_fast import data
+from bip_fast.data import cifar as data
 from bip_fast.data import load_dataset
 
 from _data_helpers import REAL, needs_real
