@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
-from torch import nn
 
-from ..nn import MASKED_TYPES
+from ..nn import MASKED_OF, MASKED_TYPES
 from ..nn.convert import _bypassed
 from .hparams import RunConfig
 
@@ -62,7 +61,7 @@ def check_nm_layers(model, n: int, m: int) -> None:
     """N:M structure: every layer that will be masked needs an input dimension divisible by M
     (a depthwise 3x3 conv has 9). Raises ValueError naming the first layer that has not."""
     for name, mod in model.named_modules():
-        if not (isinstance(mod, MASKED_TYPES) or type(mod) in (nn.Conv2d, nn.Linear)) or _bypassed(model, name):
+        if not (isinstance(mod, MASKED_TYPES) or type(mod) in MASKED_OF) or _bypassed(model, name):
             continue
         k = mod.weight[0].numel()
         if k % m:

@@ -37,12 +37,15 @@ def project(
     n: int = 2,
     m: int = 4,
     backend: Optional[str] = None,
+    out_dims: Optional[Sequence[int]] = None,
 ) -> List[torch.Tensor]:
     """Bool masks keeping a fraction ``density`` of the weights under ``structure``.
 
     Filter- and channel-wise structures keep at least one filter / input channel per layer (a
     layer with none would disconnect the network), so at very high sparsity they keep slightly
-    more than ``density``.
+    more than ``density``. ``out_dims``: per tensor, the dimension of the output channels (0 for
+    conv and linear weights, the default; 1 for transposed convolutions, whose weight is
+    (in, out / groups, *kernel)); filters are slices along it, channels along the other of 0, 1.
     """
     density = _check_density(density)
     if structure not in STRUCTURES:
@@ -54,11 +57,14 @@ def project(
     if structure == "layer":
         return [ops.topk_masks([s], keep_count(s.numel(), density), backend=backend)[0] for s in scores]
     if structure in ("filter", "channel"):
+        out_dims = [0] * len(scores) if out_dims is None else list(out_dims)
+        if len(out_dims) != len(scores) or any(d not in (0, 1) for d in out_dims):
+            raise ValueError(f"out_dims: expected one 0 or 1 per scores tensor ({len(scores)}), got {out_dims}")
         out = []
         for i, s in enumerate(scores):
             if s.dim() < 2:
                 raise ValueError(f"scores[{i}]: {structure}-wise pruning needs a weight of >= 2 dims, got {tuple(s.shape)}")
-            dim = 0 if structure == "filter" else 1
+            dim = out_dims[i] if structure == "filter" else 1 - out_dims[i]
             norms = s.detach().to(torch.float32).transpose(0, dim).reshape(s.shape[dim], -1).norm(dim=1)
             # at least one filter/channel per layer: an empty layer cuts the network in two
             keep = ops.topk_masks([norms], max(1, keep_count(norms.numel(), density)), backend=backend)[0]

@@ -9,12 +9,30 @@ from .convert import (
     sparsify,
     sparsity_report,
 )
-from .modules import MASKED_TYPES, MaskedConv2d, MaskedLinear
+from .modules import (
+    MASKED_OF,
+    MASKED_TYPES,
+    MaskedConv1d,
+    MaskedConv2d,
+    MaskedConv3d,
+    MaskedConvTranspose1d,
+    MaskedConvTranspose2d,
+    MaskedConvTranspose3d,
+    MaskedLinear,
+    MaskedMultiheadAttention,
+)
 
 __all__ = [
+    "MaskedConv1d",
     "MaskedConv2d",
+    "MaskedConv3d",
+    "MaskedConvTranspose1d",
+    "MaskedConvTranspose2d",
+    "MaskedConvTranspose3d",
     "MaskedLinear",
+    "MaskedMultiheadAttention",
     "MASKED_TYPES",
+    "MASKED_OF",
     "sparsify",
     "finalize",
     "sparsity_report",

@@ -1,8 +1,9 @@
 """sparsify / finalize / sparsity_report and parameter groups of masked models.
 
-Nothing is left dense silently. :func:`sparsify` swaps exactly nn.Conv2d and nn.Linear; every
-other weight-bearing layer (Conv1d/3d, transposed convs, nn.MultiheadAttention, Bilinear,
-lazy and subclassed layers) is named in a warning, and so is a Conv2d/Linear whose weight its
+Nothing is left dense silently. :func:`sparsify` swaps exactly nn.Linear, nn.Conv1d/2d/3d,
+nn.ConvTranspose1d/2d/3d (``MASKED_OF``) and nn.MultiheadAttention with a packed input projection;
+every other weight-bearing layer (attention with separate q/k/v projections, Bilinear, lazy and
+subclassed layers) is named in a warning, and so is a layer whose weight its
 parent reads directly (``F.linear(x, self.qkv.weight)``, as torchvision's Swin attention does):
 a masked module only masks what goes through its own forward, so such a layer is left dense
 rather than shown as pruned. :func:`sparsity_report` lists all of them under ``skipped``. The
@@ -21,7 +22,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .modules import MASKED_TYPES, MaskedConv2d, MaskedLinear
+from .modules import MASKED_OF, MASKED_TYPES, PLAIN_OF, MaskedLinear, MaskedMultiheadAttention
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
@@ -39,7 +40,7 @@ def _selector(sel: Selector, arg: str, names: List[str]) -> Optional[Callable[[s
         if not isinstance(p, str):
             raise TypeError(f"{arg}: expected module names or glob patterns (str), got {type(p).__name__}")
         if not any(fnmatch.fnmatchcase(n, p) for n in names):
-            raise ValueError(f"{arg}: {p!r} matches no nn.Conv2d / nn.Linear module; candidates: {names}")
+            raise ValueError(f"{arg}: {p!r} matches no maskable (conv / linear) module; candidates: {names}")
     return lambda name, _m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -49,15 +50,21 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _ctor_kwargs(m: nn.Module) -> Dict[str, object]:
+    """The constructor arguments that rebuild ``m`` (plain or masked, same signature)."""
+    if isinstance(m, nn.Linear):
+        return dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
+    kw = dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=m.kernel_size, stride=m.stride,
+              padding=m.padding, dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
+              padding_mode=m.padding_mode)
+    if m.transposed:
+        kw["output_padding"] = m.output_padding
+    return kw
+
+
 def _to_masked(m: nn.Module) -> nn.Module:
     dev, dt = m.weight.device, m.weight.dtype
-    if isinstance(m, nn.Conv2d):
-        new = MaskedConv2d(
-            m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-            m.bias is not None, m.padding_mode, device="meta", dtype=dt,
-        )
-    else:
-        new = MaskedLinear(m.in_features, m.out_features, m.bias is not None, device="meta", dtype=dt)
+    new = MASKED_OF[type(m)](**_ctor_kwargs(m), device="meta", dtype=dt)
     # Keep the very same Parameter objects, so optimisers holding them stay valid.
     new.weight = m.weight
     new.bias = m.bias
@@ -66,6 +73,51 @@ def _to_masked(m: nn.Module) -> nn.Module:
     if m.weight.dim() == 4 and m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous():
         new.scores.data = new.scores.data.contiguous(memory_format=torch.channels_last)
         new.mask = new.mask.contiguous(memory_format=torch.channels_last)
+    new.train(m.training)
+    return new
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _mha_supported(m: nn.MultiheadAttention) -> bool:
+    """Whether ``m`` has the packed input projection this module masks."""
+    return bool(m._qkv_same_embed_dim)
+
+
+def _mha_ctor_kwargs(m: nn.MultiheadAttention) -> dict:
+    return dict(embed_dim=m.embed_dim, num_heads=m.num_heads, dropout=m.dropout, bias=m.in_proj_bias is not None,
+                add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn, batch_first=m.batch_first)
+
+
+def _mha_to_masked(m: nn.MultiheadAttention) -> MaskedMultiheadAttention:
+    """The masked version of ``m``, keeping its very Parameter objects."""
+    dev, dt = m.in_proj_weight.device, m.in_proj_weight.dtype
+    new = MaskedMultiheadAttention(**_mha_ctor_kwargs(m), device="meta", dtype=dt)
+    for name in ("in_proj_weight", "in_proj_bias", "bias_k", "bias_v"):
+        setattr(new, name, getattr(m, name))
+    lin = m.out_proj
+    new.out_proj = MaskedLinear(lin.in_features, lin.out_features, lin.bias is not None, device="meta", dtype=dt)
+    for mod, src in ((new, m.in_proj_weight), (new.out_proj, lin.weight)):
+        if mod is new.out_proj:
+            mod.weight, mod.bias = lin.weight, lin.bias
+        mod.scores = nn.Parameter(src.detach().to(torch.float32).clone())
+        mod.mask = torch.ones(src.shape, dtype=torch.bool, device=dev)
+    new.train(m.training)
+    return new
+
+
+def _mha_to_plain(m: MaskedMultiheadAttention) -> nn.MultiheadAttention:
+    """A plain nn.MultiheadAttention with the masks' zeros written into both projections."""
+    dt = m.in_proj_weight.dtype
+    new = nn.MultiheadAttention(**_mha_ctor_kwargs(m), device=m.in_proj_weight.device, dtype=dt)
+    with torch.no_grad():
+        new.in_proj_weight.copy_(m.in_proj_weight * m.mask.to(dt))
+        new.out_proj.weight.copy_(m.out_proj.weight * m.out_proj.mask.to(dt))
+        for name in ("in_proj_bias", "bias_k", "bias_v"):
+            if getattr(m, name) is not None:
+                getattr(new, name).copy_(getattr(m, name))
+        if m.out_proj.bias is not None:
+            new.out_proj.bias.copy_(m.out_proj.bias)
     new.train(m.training)
     return new
 
@@ -94,13 +146,15 @@ def _forward_source(cls: type) -> str:
 
 
 def _bypassed(model: nn.Module, name: str) -> Optional[str]:
-    """The parent class whose code reads ``<child>.weight`` directly (bypassing a masked
-    forward), or None."""
+    """The parent class whose code reads ``<child>.weight`` (or an attention child's projection
+    weights) directly, bypassing a masked forward, or None."""
     parent_name, _, child = name.rpartition(".")
     if not child:
         return None
     parent = model.get_submodule(parent_name) if parent_name else model
-    if re.search(r"\.\s*" + re.escape(child) + r"\s*\.\s*weight\b", _forward_source(type(parent))):
+    # weight, or an attention layer's projections (nn.TransformerEncoderLayer's fast path reads them)
+    attr = r"\s*\.\s*(?:weight|in_proj_weight|out_proj\s*\.\s*weight)\b"
+    if re.search(r"\.\s*" + re.escape(child) + attr, _forward_source(type(parent))):
         return type(parent).__name__
     return None
 
@@ -120,11 +174,13 @@ def _skipped(model: nn.Module) -> List[Dict[str, object]]:
             inside.append(name)  # its out_proj is part of it
         numel = sum(p.numel() for p in m.parameters(recurse=isinstance(m, nn.MultiheadAttention))
                     if not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 2)
-        owner = _bypassed(model, name) if type(m) in (nn.Conv2d, nn.Linear) else None
+        owner = _bypassed(model, name) if type(m) in MASKED_OF or type(m) is nn.MultiheadAttention else None
         if owner:
             reason = f"weight read directly by {owner} (outside the masked forward)"
-        elif type(m) in (nn.Conv2d, nn.Linear):
+        elif type(m) in MASKED_OF or type(m) is nn.MultiheadAttention and _mha_supported(m):
             reason = "not masked (include/exclude, or not sparsified)"
+        elif type(m) is nn.MultiheadAttention and not _mha_supported(m):
+            reason = "separate q/k/v projection weights (kdim/vdim) are not supported"
         else:
             reason = f"unsupported layer type {type(m).__name__}"
         out.append({"name": name, "type": type(m).__name__, "numel": numel, "reason": reason})
@@ -132,12 +188,12 @@ def _skipped(model: nn.Module) -> List[Dict[str, object]]:
 
 
 def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = None) -> nn.Module:
-    """Swap nn.Conv2d / nn.Linear modules for their masked versions in place; return the model.
+    """Swap conv / linear modules (``MASKED_OF``) for their masked versions in place; return the model.
 
     ``include`` / ``exclude``: module names or glob patterns (e.g. ``"layer1.*"``), or a
     callable ``(name, module) -> bool``. Weights and biases are kept (the same Parameters); scores
     start as a float32 copy of the weights and masks as all-True. Already-masked modules are kept.
-    If ``model`` itself is a Conv2d/Linear, the new module is returned.
+    If ``model`` itself is such a layer, the new module is returned.
 
     Layers left dense for a reason other than include/exclude (an unsupported type, a weight its
     parent reads directly) are named in a UserWarning; a model with nothing to mask warns too.
@@ -146,7 +202,7 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     cands = [
         (n, m) for n, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, MASKED_TYPES) and type(m) in (nn.Conv2d, nn.Linear)
+        if type(m) in MASKED_OF or type(m) is nn.MultiheadAttention and _mha_supported(m)
     ]
     bypassed = {n for n, _ in cands if _bypassed(model, n)}
     cands = [(n, m) for n, m in cands if n not in bypassed]
@@ -158,7 +214,7 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
             continue
         if exc is not None and exc(name, m):
             continue
-        new = _to_masked(m)
+        new = _mha_to_masked(m) if isinstance(m, nn.MultiheadAttention) else _to_masked(m)
         if name == "":
             return new
         _swap(model, name, new)
@@ -169,30 +225,28 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
         warnings.warn(f"sparsify: {len(left)} layer(s) left dense and not pruned: {shown}{more}; "
                       f"see sparsity_report(model)['skipped']", UserWarning, stacklevel=2)
     if not masked_modules(model):
-        warnings.warn("sparsify: the model has no nn.Conv2d / nn.Linear layer to mask; it is returned "
+        warnings.warn("sparsify: the model has no conv / linear layer to mask; it is returned "
                       "unchanged", UserWarning, stacklevel=2)
     return model
 
 
 def finalize(model: nn.Module) -> nn.Module:
-    """Turn masked modules back into plain nn.Conv2d / nn.Linear with the mask's zeros baked in."""
+    """Turn masked modules back into plain layers (nn.Conv2d, nn.Linear, ...) with the mask's zeros baked in."""
     if isinstance(model, MASKED_TYPES):
         return _to_plain(model)
+    done: List[str] = []
     for name, m in list(model.named_modules()):
-        if isinstance(m, MASKED_TYPES):
+        if isinstance(m, MASKED_TYPES) and not any(name.startswith(d + ".") for d in done):
             _swap(model, name, _to_plain(m))
+            done.append(name)  # an attention layer's out_proj goes with it
     return model
 
 
 def _to_plain(m: nn.Module) -> nn.Module:
+    if isinstance(m, MaskedMultiheadAttention):
+        return _mha_to_plain(m)
     dev, dt = m.weight.device, m.weight.dtype
-    if isinstance(m, MaskedConv2d):
-        new = nn.Conv2d(
-            m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-            m.bias is not None, m.padding_mode, device="meta", dtype=dt,
-        )
-    else:
-        new = nn.Linear(m.in_features, m.out_features, m.bias is not None, device="meta", dtype=dt)
+    new = PLAIN_OF[type(m)](**_ctor_kwargs(m), device="meta", dtype=dt)
     with torch.no_grad():
         new.weight = nn.Parameter(m.weight.detach() * m.mask.to(dt), requires_grad=m.weight.requires_grad)
         new.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)

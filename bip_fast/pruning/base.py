@@ -370,4 +370,5 @@ def _project_into(alg: Algorithm, scores: Sequence[torch.Tensor], density: float
         total = sum(s.numel() for s in scores)
         alg._set_masks(ops.topk_masks(scores, keep_count(total, density), hist1=hist1))
     else:
-        alg._set_masks(project(scores, density, structure, n=n, m=m))
+        alg._set_masks(project(scores, density, structure, n=n, m=m,
+                               out_dims=[getattr(mod, "out_dim", 0) for mod in alg.modules]))
