@@ -77,3 +77,6 @@ def test_input_messages():
         bip_fast.sparsify(nn.Linear(2, 2), include=123)
     with pytest.raises(ValueError, match=r"shape \(8, 1, 3, 3\)"):
         project([torch.randn(8, 1, 3, 3)], 0.5, "nm")
+    depthwise = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"layer '0': input dimension 9"):
+        get_algorithm("omp")(depthwise, 0.5, structure="nm")

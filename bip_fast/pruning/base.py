@@ -24,6 +24,7 @@ the same iteration stays applied; it was computed from finite values.
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -370,5 +371,10 @@ def _project_into(alg: Algorithm, scores: Sequence[torch.Tensor], density: float
         total = sum(s.numel() for s in scores)
         alg._set_masks(ops.topk_masks(scores, keep_count(total, density), hist1=hist1))
     else:
-        alg._set_masks(project(scores, density, structure, n=n, m=m,
-                               out_dims=[getattr(mod, "out_dim", 0) for mod in alg.modules]))
+        try:
+            masks = project(scores, density, structure, n=n, m=m,
+                            out_dims=[getattr(mod, "out_dim", 0) for mod in alg.modules])
+        except ValueError as e:  # name the layer, not its index in the list of scores
+            raise ValueError(re.sub(r"scores\[(\d+)\]", lambda g: f"layer {alg.module_names[int(g.group(1))]!r}",
+                                    str(e))) from None
+        alg._set_masks(masks)
