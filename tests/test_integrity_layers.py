@@ -50,13 +50,13 @@ def test_weight_read_outside_the_masked_forward():
 
 def test_unsupported_layers_are_named():
     model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Flatten(), nn.Linear(24, 16))
-    model.add_module("att", nn.MultiheadAttention(16, 2))
+    model.add_module("att", nn.MultiheadAttention(16, 2, kdim=8, vdim=8))  # separate q/k/v weights
     model.add_module("bil", nn.Bilinear(4, 4, 2))
-    with pytest.warns(UserWarning, match=r"2 layer\(s\) left dense.*att \(unsupported layer type MultiheadAttention\)"):
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) left dense.*att \(separate q/k/v projection weights"):
         bip_fast.sparsify(model)
     rep = bip_fast.sparsity_report(model)
     assert {s["name"]: s["type"] for s in rep["skipped"]} == {"att": "MultiheadAttention", "bil": "Bilinear"}
-    assert rep["skipped"][0]["numel"] == 16 * 48 + 16 * 16  # in_proj_weight + out_proj.weight
+    assert rep["skipped"][0]["numel"] == 16 * 16 + 2 * 16 * 8 + 16 * 16  # q, k, v projections + out_proj.weight
     assert [type(m).__name__ for _, m in bip_fast.masked_modules(model)] == ["MaskedConv1d", "MaskedLinear"]
     with pytest.warns(UserWarning, match="no conv / linear layer to mask"):
         bip_fast.sparsify(nn.Sequential(nn.ReLU()))
