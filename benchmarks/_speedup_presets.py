@@ -16,7 +16,7 @@ except ImportError:  # run as a script, or loaded from its file path
 from bip_fast.pruning.bip import PAPER_HPARAMS as BIP_PAPER_HPARAMS
 from bip_fast.pruning.bip import PAPER_SCORE_STEPS
 
-# paper proportions (epochs of the paper's schedules, SPEC §4-5, engine/hparams.py)
+# paper proportions (epochs of the paper's schedules, SPEC §4-5, bip_fast/engine/sections.py)
 PAPER_DENSE_EPOCHS = 160
 BIP_FRACTION = 100 / 160
 HYDRA_SCORE_FRACTION = 20 / 160
