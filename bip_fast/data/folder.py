@@ -227,13 +227,12 @@ class FolderImages(torch.utils.data.Dataset):
         img = decode_rgb(path)
         if img is None:
             return None, label
-        arr = np.asarray(self._transform(img, seed), dtype=np.uint8)
+        x = torch.from_numpy(np.asarray(self._transform(img, seed), dtype=np.uint8).copy()).permute(2, 0, 1)
         if self.normalize is None:
-            return torch.from_numpy(arr.copy()).permute(2, 0, 1), label
+            return x, label
         scale, shift = self.normalize
-        out = torch.empty((3, arr.shape[0], arr.shape[1]), dtype=torch.float32)
-        torch.mul(torch.from_numpy(arr.copy()).permute(2, 0, 1), scale, out=out)
-        return out.add_(shift), label
+        out = torch.empty(x.shape, dtype=torch.float32)  # contiguous CHW, written in one pass
+        return torch.mul(x, scale, out=out).add_(shift), label
 
 
 def _collate(items):

@@ -82,28 +82,25 @@ def save_atomic(obj, path) -> None:
     """``torch.save(obj)`` to ``path`` atomically, with a content checksum (the parent directory
     is created if needed)."""
     path = _check_path(path)
-    directory = path.parent if str(path.parent) else Path(".")
     buf = io.BytesIO()
     torch.save(obj, buf)
     view = buf.getbuffer()
-    parts = (view[:-2], integrity.sealed_tail(view))  # the archive, its comment: no copy
-    with defer_sigint():
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            _write_replace(parts, path, directory)
-        except OSError as e:
-            raise OSError(e.errno, f"writing '{path}' failed: {e.strerror or e}") from e
+    _write_atomic((view[:-2], integrity.sealed_tail(view)), path)  # the archive, its comment: no copy
 
 
 def write_text_atomic(path, text: str) -> None:
     """``text`` (UTF-8) to ``path`` atomically: the same temporary file, fsync and rename as
     :func:`save_atomic`, without a checksum (text files are read by people and YAML parsers)."""
-    path = _check_path(path)
+    _write_atomic((text.encode("utf-8"),), _check_path(path))
+
+
+def _write_atomic(parts, path: Path) -> None:
+    """``parts`` to ``path`` through a temporary file, a Ctrl-C held back until it is in place."""
     directory = path.parent if str(path.parent) else Path(".")
     with defer_sigint():
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            _write_replace((text.encode("utf-8"),), path, directory)
+            _write_replace(parts, path, directory)
         except OSError as e:
             raise OSError(e.errno, f"writing '{path}' failed: {e.strerror or e}") from e
 

@@ -62,9 +62,15 @@ def _ctor_kwargs(m: nn.Module) -> Dict[str, object]:
     return kw
 
 
-def _to_masked(m: nn.Module) -> nn.Module:
+def _maskable(m: nn.Module) -> bool:
+    """Whether :func:`sparsify` swaps ``m`` (exact types: subclasses are left alone)."""
+    return type(m) in MASKED_OF or type(m) is nn.MultiheadAttention and _mha_supported(m)
+
+
+def _to_masked(m: nn.Module, cls: Optional[type] = None) -> nn.Module:
+    """The masked version (``cls``, by default ``MASKED_OF[type(m)]``) of ``m``."""
     dev, dt = m.weight.device, m.weight.dtype
-    new = MASKED_OF[type(m)](**_ctor_kwargs(m), device="meta", dtype=dt)
+    new = (cls or MASKED_OF[type(m)])(**_ctor_kwargs(m), device="meta", dtype=dt)
     # Keep the very same Parameter objects, so optimisers holding them stay valid.
     new.weight = m.weight
     new.bias = m.bias
@@ -91,17 +97,11 @@ def _mha_ctor_kwargs(m: nn.MultiheadAttention) -> dict:
 
 def _mha_to_masked(m: nn.MultiheadAttention) -> MaskedMultiheadAttention:
     """The masked version of ``m``, keeping its very Parameter objects."""
-    dev, dt = m.in_proj_weight.device, m.in_proj_weight.dtype
-    new = MaskedMultiheadAttention(**_mha_ctor_kwargs(m), device="meta", dtype=dt)
+    new = MaskedMultiheadAttention(**_mha_ctor_kwargs(m), device="meta", dtype=m.in_proj_weight.dtype)
     for name in ("in_proj_weight", "in_proj_bias", "bias_k", "bias_v"):
         setattr(new, name, getattr(m, name))
-    lin = m.out_proj
-    new.out_proj = MaskedLinear(lin.in_features, lin.out_features, lin.bias is not None, device="meta", dtype=dt)
-    for mod, src in ((new, m.in_proj_weight), (new.out_proj, lin.weight)):
-        if mod is new.out_proj:
-            mod.weight, mod.bias = lin.weight, lin.bias
-        mod.scores = nn.Parameter(src.detach().to(torch.float32).clone())
-        mod.mask = torch.ones(src.shape, dtype=torch.bool, device=dev)
+    new._init_masking()  # scores and mask from the real in_proj_weight
+    new.out_proj = _to_masked(m.out_proj, MaskedLinear)  # a Linear subclass: name the target
     new.train(m.training)
     return new
 
@@ -177,7 +177,7 @@ def _skipped(model: nn.Module) -> List[Dict[str, object]]:
         owner = _bypassed(model, name) if type(m) in MASKED_OF or type(m) is nn.MultiheadAttention else None
         if owner:
             reason = f"weight read directly by {owner} (outside the masked forward)"
-        elif type(m) in MASKED_OF or type(m) is nn.MultiheadAttention and _mha_supported(m):
+        elif _maskable(m):
             reason = "not masked (include/exclude, or not sparsified)"
         elif type(m) is nn.MultiheadAttention and not _mha_supported(m):
             reason = "separate q/k/v projection weights (kdim/vdim) are not supported"
@@ -200,10 +200,7 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    cands = [
-        (n, m) for n, m in model.named_modules()
-        if type(m) in MASKED_OF or type(m) is nn.MultiheadAttention and _mha_supported(m)
-    ]
+    cands = [(n, m) for n, m in model.named_modules() if _maskable(m)]
     bypassed = {n for n, _ in cands if _bypassed(model, n)}
     cands = [(n, m) for n, m in cands if n not in bypassed]
     names = [n for n, _ in cands]

@@ -74,30 +74,22 @@ class _MaskedMixin:
         return super().extra_repr() + f", ig_scale={self.ig_scale}"  # type: ignore[misc]
 
 
-class MaskedConv2d(_MaskedMixin, nn.Conv2d):
-    """nn.Conv2d whose weight is masked; the convolution itself runs through cuDNN/ATen."""
+class _MaskedConv(_MaskedMixin):
+    """nn.Conv1d/2d/3d whose weight is masked; the convolution itself runs through cuDNN/ATen."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None) -> None:
+        super().__init__(  # type: ignore[call-arg]
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
         self._init_masking()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self._masked_weight(), self.bias)
+        return self._conv_forward(input, self._masked_weight(), self.bias)  # type: ignore[attr-defined]
+
+
+class MaskedConv2d(_MaskedConv, nn.Conv2d):
+    """nn.Conv2d whose weight is masked; the convolution itself runs through cuDNN/ATen."""
 
 
 class MaskedLinear(_MaskedMixin, nn.Linear):
@@ -113,32 +105,12 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         )
 
 
-class MaskedConv1d(_MaskedMixin, nn.Conv1d):
+class MaskedConv1d(_MaskedConv, nn.Conv1d):
     """nn.Conv1d whose weight is masked."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
-        )
-        self._init_masking()
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self._masked_weight(), self.bias)
-
-
-class MaskedConv3d(_MaskedMixin, nn.Conv3d):
+class MaskedConv3d(_MaskedConv, nn.Conv3d):
     """nn.Conv3d whose weight is masked."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
-        )
-        self._init_masking()
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self._masked_weight(), self.bias)
 
 
 class _MaskedConvTranspose(_MaskedMixin):
