@@ -15,5 +15,5 @@ TORCH_LIBRARY(bip_fast, m) {
       "float ig_scale, bool need_theta, bool need_scores) -> (Tensor, Tensor)");
   m.def(
       "fused_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "float lr, float momentum, float weight_decay, Tensor(c!)? hist1) -> ()");
+      "float lr, float momentum, float weight_decay, Tensor(c!)? hist1, Tensor? skip=None) -> ()");
 }

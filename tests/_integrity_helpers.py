@@ -19,6 +19,22 @@ def flip_tensor_bytes(path, n=32):
     open(path, "wb").write(bytes(raw))
 
 
+def poison_second_batch(trainer, value=float("nan")):
+    """Make the trainer's second training batch hold one ``value`` (NaN/inf) pixel."""
+    calls = {"n": 0}
+
+    def shard(batch):
+        calls["n"] += 1
+        if calls["n"] != 2:
+            return batch
+        x = batch[0].clone()
+        x.view(-1)[0] = value
+        return x, batch[1]
+
+    trainer._shard = shard
+    return trainer
+
+
 def run_tiny(out, **kw):
     base = dict(command="pretrain", method="dense", epochs=1, lr=0.05)
     base.update(kw)

@@ -23,7 +23,7 @@ SCHEMAS = {
                               "bool need_scores) -> (Tensor, Tensor)",
     "fused_sgd_": "bip_fast::fused_sgd_(Tensor(a!)[] params, Tensor[] grads, "
                   "Tensor(b!)[] momentum_buffers, float lr, float momentum, float weight_decay, "
-                  "Tensor(c!)? hist1) -> ()",
+                  "Tensor(c!)? hist1, Tensor? skip=None) -> ()",
 }
 
 

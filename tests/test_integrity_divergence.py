@@ -10,6 +10,7 @@ from bip_fast.files import checkpoint as ckpt
 from bip_fast.pruning import get_algorithm
 from bip_fast.pruning.base import NonFiniteError
 
+from _integrity_helpers import poison_second_batch
 from test_loop import config, synthetic, tiny_model
 
 
@@ -68,18 +69,7 @@ def test_nonfinite_skips_are_bounded(tmp_path):
     def poisoned(limit):
         tr = Trainer(config(tmp_path / f"run{limit}", command="pretrain", method="dense", epochs=1, lr=0.05,
                             nonfinite_skips=limit), dataset=synthetic(), model_fn=tiny_model)
-        calls = {"n": 0}
-
-        def shard(batch):
-            calls["n"] += 1
-            if calls["n"] != 2:
-                return batch
-            x = batch[0].clone()
-            x.view(-1)[0] = math.nan
-            return x, batch[1]
-
-        tr._shard = shard
-        return tr
+        return poison_second_batch(tr)
 
     rep = poisoned(1).run()
     rec = json.loads((tmp_path / "run1" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -120,7 +120,7 @@ class Trainer:
         self.rounds: List[Dict[str, Any]] = []
         self.alg = None
         self.inner: Optional[nn.Module] = None
-        self.skipped_steps = 0  # non-finite steps skipped in this session
+        self.skipped_steps = self._skips_base = 0  # non-finite steps skipped in this session
 
     # -- setup ----------------------------------------------------------------------------
     @property
@@ -157,6 +157,8 @@ class Trainer:
     def _build_algorithm(self, seg: Segment):
         """A new algorithm of ``seg.kind`` around ``self.inner`` (sparsified first if masked)."""
         alg = build_algorithm(seg, self.cfg, self.inner, self.steps_per_epoch, self._place)
+        self._skips_base = self.skipped_steps  # the session's budget spans every algorithm object
+        alg.nonfinite.limit = max(0, getattr(self.cfg.train, "nonfinite_skips", 0) - self.skipped_steps)
         self.inner = alg.model
         wrap_forward(alg, self.inner, self.cfg, self.world, self.device)
         return alg
@@ -214,12 +216,9 @@ class Trainer:
             for i, batch in enumerate(it):
                 with torch.autocast(**amp):
                     out = self._guarded_step(seg, batch, bilevel)
-                if out is None:  # a non-finite step skipped (--nonfinite-skips)
-                    bar.update(1)
-                    continue
                 cnt = out["count"].to(torch.float64)
-                sums += torch.stack([out["loss"].detach().to(torch.float64) * cnt,
-                                     out["correct"].to(torch.float64), cnt])
+                vec = torch.stack([out["loss"].detach().to(torch.float64) * cnt, out["correct"].to(torch.float64), cnt])
+                sums += torch.where(out["skipped"], 0.0, vec)  # a skipped step (no update) is not counted
                 bar.update(1)
                 if (i + 1) % li == 0 and not bar.disable:
                     s = sums.tolist()  # the one host sync per log interval
@@ -227,23 +226,26 @@ class Trainer:
                                     density=f"{density(self.inner):.4f}")
         finally:
             bar.close()
+        self._guarded_step(seg, None, bilevel)  # the epoch's last read of the non-finite flag
         if self.world > 1:
             dist.all_reduce(sums)
         s = sums.tolist()
         return {"train_loss": s[0] / max(s[2], 1.0), "train_acc": s[1] / max(s[2], 1.0)}
 
     def _guarded_step(self, seg: Segment, batch, bilevel: bool):
-        """One algorithm step; a non-finite loss/gradient (no update applied) is skipped while
-        ``nonfinite_skips`` allows, else the run stops with :class:`DivergedError`."""
+        """One algorithm step (``batch`` None: only read the guard). Non-finite steps apply no
+        update (decided on the device) and are skipped while ``nonfinite_skips`` allows; over that
+        budget the run stops with :class:`DivergedError`."""
         try:
+            if batch is None:
+                self.skipped_steps = self._skips_base + self.alg._check_nonfinite()
+                return None
             if bilevel:
                 return self.alg.step(self._shard(batch[0]), self._shard(batch[1]))
             return self.alg.step(self._shard(batch))
         except NonFiniteError as e:
-            self.skipped_steps += 1
-            if self.skipped_steps <= getattr(self.cfg.train, "nonfinite_skips", 0):
-                return None
-            raise DivergedError(self._diverged_message(seg, f"step {e.step}: non-finite {e.what}")) from None
+            many = f" ({e.count} non-finite steps, {e.limit} allowed)" if e.limit else ""
+            raise DivergedError(self._diverged_message(seg, f"step {e.step}: non-finite {e.what}{many}")) from None
 
     def _diverged_message(self, seg: Segment, what: str) -> str:
         kept = (f"the last checkpoint ({self.out / CHECKPOINT}, epoch {self.global_epoch}) is kept"

@@ -270,12 +270,16 @@ def fused_sgd_(
     weight_decay: float = 0.0,
     *,
     hist1: Optional[torch.Tensor] = None,
+    skip: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> None:
     """In place over all tensors, one launch: d = g + wd·p; b = μ·b + d; p −= lr·b.
 
     With ``hist1`` (int64[4096], zeroed by the caller) the first radix digit histogram of the
     updated parameters is accumulated, so the next :func:`topk_masks` skips its first pass.
+    ``skip`` (a one-element bool tensor on the parameters' device, e.g. a found-NaN/inf flag)
+    is read by the kernel itself: when true nothing changes (``hist1`` still counts the
+    unchanged parameters), and no host synchronisation happens either way.
     """
     params = _check_tensor_list(params, "params")
     grads = _check_tensor_list(grads, "grads")
@@ -296,17 +300,22 @@ def fused_sgd_(
         _check_tensor(hist1, "hist1", floating=False)
         if hist1.dtype != torch.int64 or hist1.shape != (4096,) or hist1.device != params[0].device:
             raise ValueError(f"hist1: expected an int64 tensor of shape (4096,) on {params[0].device}")
+    if skip is not None:
+        _check_tensor(skip, "skip", floating=False)
+        if skip.dtype != torch.bool or skip.numel() != 1 or skip.device != params[0].device:
+            raise ValueError(f"skip: expected a one-element bool tensor on {params[0].device}, got "
+                             f"{skip.dtype} of shape {tuple(skip.shape)} on {skip.device}")
     name = resolve_backend("fused_sgd_", params[0].device, backend, dtype=_common_dtype(params + grads + bufs))
     if name == "reference":
-        _ref.fused_sgd_ref_(params, grads, bufs, float(lr), float(momentum), float(weight_decay), hist1)
+        _ref.fused_sgd_ref_(params, grads, bufs, float(lr), float(momentum), float(weight_decay), hist1, skip)
         return
     # Kernels update dense storage in place; other layouts go through a dense temporary.
     work = [_dense_views(p, g, b)[0] for p, g, b in zip(params, grads, bufs)]
     ps, gs, bs = (list(t) for t in zip(*work))
     if name == "triton":
-        _triton().fused_sgd_triton_(ps, gs, bs, float(lr), float(momentum), float(weight_decay), hist1)
+        _triton().fused_sgd_triton_(ps, gs, bs, float(lr), float(momentum), float(weight_decay), hist1, skip)
     else:
-        _cpp().fused_sgd_(ps, gs, bs, float(lr), float(momentum), float(weight_decay), hist1)
+        _cpp().fused_sgd_(ps, gs, bs, float(lr), float(momentum), float(weight_decay), hist1, skip)
     with torch.no_grad():
         for dst, tmp in zip(params + bufs, ps + bs):
             if tmp.data_ptr() != dst.data_ptr():

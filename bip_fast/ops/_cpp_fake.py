@@ -43,5 +43,5 @@ def _masked_weight_backward_fake(grad, theta, mask, scores, ig_scale, need_theta
 
 
 @torch.library.register_fake("bip_fast::fused_sgd_")
-def _fused_sgd_fake(params, grads, momentum_buffers, lr, momentum, weight_decay, hist1):
+def _fused_sgd_fake(params, grads, momentum_buffers, lr, momentum, weight_decay, hist1, skip=None):
     return None

@@ -116,14 +116,22 @@ def fused_sgd_ref_(
     momentum: float,
     weight_decay: float,
     hist1: Optional[torch.Tensor] = None,
+    skip: Optional[torch.Tensor] = None,
 ) -> None:
-    """In place: d = g + wd·p; b = μ·b + d; p = p − lr·b (PyTorch SGD, buffers start at zero)."""
+    """In place: d = g + wd·p; b = μ·b + d; p = p − lr·b (PyTorch SGD, buffers start at zero).
+
+    A true ``skip`` (one bool) keeps every value (selected on the device, no host read)."""
     with torch.no_grad():
         for p, g, b in zip(params, grads, bufs):
             p32 = p.to(torch.float32)
             d = g.to(torch.float32) + weight_decay * p32
             b32 = momentum * b.to(torch.float32) + d
+            p32 = p32 - lr * b32
+            if skip is not None:
+                keep = skip.reshape(())
+                b32 = torch.where(keep, b.to(torch.float32), b32)
+                p32 = torch.where(keep, p.to(torch.float32), p32)
             b.copy_(b32)
-            p.copy_(p32 - lr * b32)
+            p.copy_(p32)
         if hist1 is not None:
             hist1 += radix_histogram_ref(params, D1_SHIFT, 12, 0, 31).to(hist1.device)

@@ -12,13 +12,16 @@ the training forward pass itself (no ``.item()``, no extra forward for logging).
 Gradients are cleared with ``p.grad = None`` and produced by ``loss.backward()`` (so DDP's
 all-reduce works); each optimiser then steps only its own parameters.
 
-Divergence guard (``nonfinite_guard``, on by default): every forward/backward checks its loss and
-gradients (one multi-tensor max-|g| reduction and one host read of a single flag per pass; on
-the CPU that read costs nothing, on a GPU it is the one synchronisation of a pass). A NaN or inf
-raises :class:`NonFiniteError` naming the step before the pass's update: weights, scores, masks,
-momentum buffers and norm-layer running statistics (restored from a snapshot taken before the
-forward) stay as they were. In two-pass schedules (alternating BiP) an earlier pass's update of
-the same iteration stays applied; it was computed from finite values.
+Divergence guard (``nonfinite_guard``, on by default; :mod:`._guard`): every forward/backward
+reduces its loss and gradients to one flag on the device, and the fused update skips itself on
+that flag (no host synchronisation per step). Weights, scores, masks, momentum buffers and
+norm-layer running statistics (restored from a snapshot taken before the forward) stay as they
+were, and :class:`NonFiniteError` names the step when the host next reads the flag: every pass
+on the CPU, every ``nonfinite.check_every`` passes (64) on an accelerator, and before any host-side
+change of state. Until then every later update is skipped too. ``nonfinite.limit`` (0) steps may
+be skipped instead of stopping; the schedule counts skipped steps. In two-pass schedules
+(alternating BiP) an earlier pass's update of the same iteration stays applied; it was computed
+from finite values.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import nn
 from .. import ops
 from ..masks import apply_masks, keep_count, project
 from ..nn import masked_modules, sparsify
+from ._guard import NonFiniteError, NonFiniteGuard
 from ._validate import Batch, _check_batch, _check_number, _check_total_steps, check_sparsity
 
 __all__ = ["Algorithm", "SGDGroup", "cosine_factor", "check_sparsity", "NonFiniteError"]
@@ -49,17 +53,6 @@ def cosine_factor(step: int, total_steps: Optional[int]) -> float:
         return 1.0
     t = min(step, total_steps)
     return 0.5 * (1.0 + math.cos(math.pi * t / total_steps))
-
-
-class NonFiniteError(FloatingPointError):
-    """A training pass produced a NaN/inf loss or gradient; no update was applied.
-
-    ``step``: the algorithm's ``global_step`` of the failed iteration; ``what``: the loss or the
-    first parameter with a non-finite gradient."""
-
-    def __init__(self, step: int, what: str) -> None:
-        self.step, self.what = step, what
-        super().__init__(f"step {step}: non-finite {what}; no update was applied")
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -88,12 +81,13 @@ class SGDGroup:
 
     @torch.no_grad()
     def step(self, lr: float, grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
-             want_hist: bool = False) -> Optional[torch.Tensor]:
+             want_hist: bool = False, skip: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """One update at learning rate ``lr``; ``grads`` defaults to each parameter's ``.grad``.
 
         Parameters whose gradient is None are skipped (PyTorch semantics). With ``want_hist``
         and every parameter updated, returns the first radix-digit histogram of the updated
         parameters (from the same launch), for :func:`bip_fast.ops.topk_masks`; else None.
+        ``skip``: a one-element bool tensor on the device; when true nothing changes.
         """
         if grads is None:
             grads = [p.grad for p in self.params]
@@ -108,7 +102,7 @@ class SGDGroup:
         if want_hist and ps and len(ps) == len(self.params):
             hist = torch.zeros(4096, dtype=torch.int64, device=ps[0].device)
         if ps:
-            ops.fused_sgd_(ps, gs, bs, float(lr), self.momentum, self.weight_decay, hist1=hist)
+            ops.fused_sgd_(ps, gs, bs, float(lr), self.momentum, self.weight_decay, hist1=hist, skip=skip)
         return hist
 
     def state_dict(self) -> Dict[str, object]:
@@ -174,6 +168,7 @@ class Algorithm:
         self.step_count = 0  # steps taken in the current round / phase (drives the schedule)
         self.global_step = 0  # steps taken in total
         self.nonfinite_guard = True  # see the module docstring
+        self.nonfinite = NonFiniteGuard()
 
     # -- parameters ---------------------------------------------------------------------
     def _weights(self) -> List[nn.Parameter]:
@@ -216,7 +211,13 @@ class Algorithm:
         loss = self.loss_fn(out, y)
         loss.backward()
         if snap is not None:
-            self._check_finite(loss, snap)
+            named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+            skipped = self.nonfinite.observe(self.global_step, loss, named, *snap)
+            if self.nonfinite.due():
+                self._check_nonfinite()
+        else:
+            self.nonfinite.skip = None
+            skipped = torch.zeros((), dtype=torch.bool, device=loss.device)
         if not getattr(self, "_grad_paths_checked", False):
             self._check_grad_paths()
         with torch.no_grad():
@@ -225,7 +226,7 @@ class Algorithm:
             else:  # not a classification target: no accuracy
                 correct = torch.zeros((), dtype=torch.int64, device=out.device)
         count = torch.full((), y.shape[0], dtype=torch.int64, device=y.device)  # a fill, not a host copy
-        return {"loss": loss.detach(), "correct": correct, "count": count}
+        return {"loss": loss.detach(), "correct": correct, "count": count, "skipped": skipped}
 
     def _check_grad_paths(self) -> None:
         """After the first backward: a masked weight with a gradient but no score gradient was used
@@ -250,23 +251,19 @@ class Algorithm:
             torch._foreach_copy_(snap[1], bufs)
         return snap
 
-    @torch.no_grad()
-    def _check_finite(self, loss: torch.Tensor, snap) -> None:
-        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
-        peaks = torch._foreach_norm([g for _, g in named], float("inf")) if named else []
-        flag = torch.stack([loss.detach().float().reshape(())] + [t.float() for t in peaks]).isfinite().all()
-        if bool(flag):  # the one host read of the pass
-            return
-        bufs, saved = snap
-        if bufs:
-            torch._foreach_copy_(bufs, saved)
-        if not bool(torch.isfinite(loss.detach()).all()):
-            what = f"loss ({float(loss.detach().float().reshape(-1)[0])})"
-        else:
-            bad = next(n for n, g in named if not bool(torch.isfinite(g).all()))
-            what = f"gradient of {bad!r} (the loss is finite)"
-        self._zero_grad()
-        raise NonFiniteError(self.global_step, what)
+    def _check_nonfinite(self) -> int:
+        """Host read of the guard (see the module docstring); raises :class:`NonFiniteError` over
+        its budget, after clearing the gradients. Returns the non-finite steps seen so far."""
+        try:
+            return self.nonfinite.check()
+        except NonFiniteError:
+            self._zero_grad()
+            raise
+
+    @property
+    def _skip(self) -> Optional[torch.Tensor]:
+        """The current pass's device-side skip flag (None without the guard)."""
+        return self.nonfinite.skip if self.nonfinite_guard else None
 
     # -- masks --------------------------------------------------------------------------
     def masks(self) -> List[torch.Tensor]:
@@ -294,7 +291,7 @@ class Algorithm:
         batch = _check_batch(batch, "batch")
         out = self._forward_backward(batch)
         g = self.param_groups[group]
-        g.step(g.lr * self.lr_factor())
+        g.step(g.lr * self.lr_factor(), skip=self._skip)
         self._zero_grad()
         self.step_count += 1
         self.global_step += 1
@@ -316,9 +313,11 @@ class Algorithm:
     def state_dict(self, include_model: bool = True) -> Dict[str, object]:
         """Everything needed to resume exactly: counters, optimiser buffers, masks, round/phase state.
 
-        With ``include_model`` (default) the model's own state dict (weights, scores, masks, norm
+        Raises :class:`NonFiniteError` first if a non-finite step is pending (nothing diverged is
+        saved). With ``include_model`` (default) the model's own state dict (weights, scores, masks, norm
         statistics) is included too, under ``"model"``.
         """
+        self._check_nonfinite()
         sd: Dict[str, object] = {
             "algorithm": self.name,
             "step_count": self.step_count,

@@ -216,15 +216,17 @@ class BiP(Algorithm):
         elif self.schedule == "fused":
             out = self._forward_backward(lower)
             self._add_ig_after_reduce()
-            self.param_groups["weights"].step(self.param_groups["weights"].lr * f)
-            hist = self.param_groups["scores"].step(self.param_groups["scores"].lr * f, want_hist=self._hist)
+            self.param_groups["weights"].step(self.param_groups["weights"].lr * f, skip=self._skip)
+            hist = self.param_groups["scores"].step(self.param_groups["scores"].lr * f, want_hist=self._hist,
+                                                    skip=self._skip)
             self._project(self._scores(), hist)
         else:
             out = self._forward_backward(lower)
-            self.param_groups["weights"].step(self.param_groups["weights"].lr * f)
+            self.param_groups["weights"].step(self.param_groups["weights"].lr * f, skip=self._skip)
             up = self._forward_backward(upper)
             self._add_ig_after_reduce()
-            hist = self.param_groups["scores"].step(self.param_groups["scores"].lr * f, want_hist=self._hist)
+            hist = self.param_groups["scores"].step(self.param_groups["scores"].lr * f, want_hist=self._hist,
+                                                    skip=self._skip)
             self._project(self._scores(), hist)
             out["upper_loss"] = up["loss"]
             out["upper_correct"] = up["correct"]
@@ -262,28 +264,31 @@ class BiP(Algorithm):
         w = self._weights()
         # Level 1: θ-step on B_β at (m_t, θ_t) (optimiser 1 over every parameter).
         out = self._forward_backward(lower)
-        g["opt1_weights"].step(g["opt1_weights"].lr * f)
-        g["opt1_others"].step(g["opt1_others"].lr * f)
+        sk = self._skip
+        g["opt1_weights"].step(g["opt1_weights"].lr * f, skip=sk)
+        g["opt1_others"].step(g["opt1_others"].lr * f, skip=sk)
         if self.global_step > 0:  # the score slot has a (zeroed) .grad from the 2nd iteration on
-            hist = g["opt1_scores"].step(g["opt1_scores"].lr * f, self._zeros_like(w), want_hist=self._hist)
+            hist = g["opt1_scores"].step(g["opt1_scores"].lr * f, self._zeros_like(w), want_hist=self._hist,
+                                         skip=sk)
         else:
             hist = None
         self._project(w, hist)
         # Level 2: m-step on B_α at (m', θ'), the score being the weight itself.
         with torch.no_grad():
             for mod in self.modules:
-                mod.scores.copy_(mod.weight)
+                mod.scores.copy_(mod.weight if sk is None else torch.where(sk, mod.scores, mod.weight))
         up = self._forward_backward(upper)
+        sk = self._skip
         with torch.no_grad():
             gs = []
             for mod in self.modules:
                 gsc = mod.scores.grad.to(mod.weight.dtype)
                 gs.append(gsc - self.lr2 * gsc * gsc)
             gn = [None if p.grad is None else p.grad - self.lr2 * p.grad * p.grad for p in self._norm_params]
-        g["opt2_weights"].step(g["opt2_weights"].lr * f, self._zeros_like(w))
-        g["opt2_plain"].step(g["opt2_plain"].lr * f, self._zeros_like(self._plain_params))
-        hist = g["opt2_scores"].step(g["opt2_scores"].lr * f, gs, want_hist=self._hist)
-        g["opt2_norms"].step(g["opt2_norms"].lr * f, gn)
+        g["opt2_weights"].step(g["opt2_weights"].lr * f, self._zeros_like(w), skip=sk)
+        g["opt2_plain"].step(g["opt2_plain"].lr * f, self._zeros_like(self._plain_params), skip=sk)
+        hist = g["opt2_scores"].step(g["opt2_scores"].lr * f, gs, want_hist=self._hist, skip=sk)
+        g["opt2_norms"].step(g["opt2_norms"].lr * f, gn, skip=sk)
         self._project(w, hist)
         out["upper_loss"] = up["loss"]
         out["upper_correct"] = up["correct"]

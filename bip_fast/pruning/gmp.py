@@ -109,6 +109,7 @@ class GMP(MaskedSGD):
     def step(self, batch: Batch, batch2: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
         """Mask update on the schedule, then one SGD step on ``batch`` (``batch2`` is ignored)."""
         if self.is_update_step(self.step_count):
+            self._check_nonfinite()  # no cut from weights a skipped step left behind
             self._prune_to(self.sparsity_at(self.step_count))
         return self._sgd_step("weights", batch)
 

@@ -89,7 +89,7 @@ class Hydra(Algorithm):
         batch = _check_batch(batch, "batch")
         out = self._forward_backward(batch)
         g = self.param_groups["scores"]
-        g.step(g.lr * self.lr_factor())
+        g.step(g.lr * self.lr_factor(), skip=self._skip)
         self._project()
         self._zero_grad()
         self.step_count += 1

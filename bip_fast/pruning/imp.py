@@ -90,6 +90,7 @@ class IMP(Algorithm):
     @torch.no_grad()
     def next_round(self) -> None:
         """Prune ``rate`` of the remaining weights by global magnitude, rewind, reset the schedule."""
+        self._check_nonfinite()
         self._maybe_record_rewind()
         if self._rewind is None:
             raise RuntimeError(

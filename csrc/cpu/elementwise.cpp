@@ -236,7 +236,7 @@ inline void sgd_block_nobuf(T* __restrict p, const T* __restrict g, int64_t n, d
 
 void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    double lr, double momentum, double weight_decay,
-                   const std::optional<at::Tensor>& hist1) {
+                   const std::optional<at::Tensor>& hist1, const std::optional<at::Tensor>& skip) {
   const char* op = "bip_fast::fused_sgd_";
   const size_t nt = params.size();
   TORCH_CHECK(grads.size() == nt, op, ": grads must have one tensor per param (", nt, "), got ",
@@ -254,6 +254,16 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                 ": hist1 must have shape (4096,), got ", hist1->sizes());
     TORCH_CHECK(hist1->is_contiguous(), op, ": hist1 must be contiguous");
   }
+  // skip (one bool): when true nothing is updated; hist1 still receives the params' histogram.
+  bool skipped = false;
+  if (skip.has_value() && skip->defined()) {
+    TORCH_CHECK(skip->device().is_cpu(), op, ": skip must be a CPU tensor, got ", skip->device());
+    TORCH_CHECK(skip->scalar_type() == at::kBool && skip->numel() == 1, op,
+                ": skip must be a one-element bool tensor, got ", skip->scalar_type(), " ",
+                skip->sizes());
+    skipped = skip->item<bool>();
+  }
+  if (skipped && !want_hist) return;
 
   // Work tensors: contiguous params/buffers are updated in place; others via a copy + copy_.
   std::vector<at::Tensor> p(nt), g(nt), b(nt);
@@ -295,7 +305,9 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
         scalar_t* bp = use_buf ? b[ch.tensor].data_ptr<scalar_t>() : nullptr;
         for (int64_t i0 = ch.begin; i0 < ch.end; i0 += kBlock) {
           const int64_t n = std::min(kBlock, ch.end - i0);
-          if (use_buf) {
+          if (skipped) {
+            // no update: only the histogram below
+          } else if (use_buf) {
             sgd_block(pp + i0, gp + i0, bp + i0, n, lr, momentum, weight_decay);
           } else {
             sgd_block_nobuf(pp + i0, gp + i0, n, lr, weight_decay);
@@ -312,6 +324,7 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     }
   });
 
+  if (skipped) return;
   for (const auto i : c10::irange(nt)) {
     if (!p[i].is_same(params[i])) params[i].copy_(p[i]);
     if (use_buf && !b[i].is_same(momentum_buffers[i])) momentum_buffers[i].copy_(b[i]);

@@ -15,6 +15,11 @@
 // non-zero bins merged with global 64-bit atomics at the end. topk_masks_hist then skips its
 // first pass.
 //
+// Optional skip (one bool on the device, e.g. a found-non-finite flag computed on the device):
+// every thread reads it once; when true nothing is stored (params and buffers keep their
+// values, no host synchronisation) and hist1, when given, receives the histogram of the
+// unchanged params, so the caller's next topk_masks_hist stays exact.
+//
 // Bytes moved per element: read p, g, b + write p, b = 5 x sizeof(T) (20 B for float32); no
 // FLOP concern (5 flops/element). Target >= 70% of DRAM bandwidth on H100.
 //
@@ -46,7 +51,7 @@ __device__ __forceinline__ void sgd_math(float& p, float g, float& b, const SgdC
 template <typename T, bool HIST>
 __device__ __forceinline__ void sgd_chunk(T* __restrict__ p, const T* __restrict__ g,
                                           T* __restrict__ b, bool vec_ok, int64_t cs, int64_t ce,
-                                          const SgdCoef& c, unsigned int* sh) {
+                                          const SgdCoef& c, bool upd, unsigned int* sh) {
   int64_t scalar_from = cs;
   if (vec_ok) {
     const int64_t ngroups = (ce - cs) >> 2;
@@ -68,10 +73,12 @@ __device__ __forceinline__ void sgd_chunk(T* __restrict__ p, const T* __restrict
         const int64_t gi = g0 + static_cast<int64_t>(u) * blockDim.x;
         if (gi < ngroups) {
           const int64_t i = cs + 4 * gi;
+          if (upd) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) sgd_math(pv[u][j], gv[u][j], bv[u][j], c);
-          Elem<T>::store4(p, i, pv[u]);
-          Elem<T>::store4(b, i, bv[u]);
+            for (int j = 0; j < 4; ++j) sgd_math(pv[u][j], gv[u][j], bv[u][j], c);
+            Elem<T>::store4(p, i, pv[u]);
+            Elem<T>::store4(b, i, bv[u]);
+          }
           if (HIST) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -85,10 +92,12 @@ __device__ __forceinline__ void sgd_chunk(T* __restrict__ p, const T* __restrict
   }
   for (int64_t i = scalar_from + threadIdx.x; i < ce; i += blockDim.x) {
     float pv = Elem<T>::load(p, i);
-    float bv = Elem<T>::load(b, i);
-    sgd_math(pv, Elem<T>::load(g, i), bv, c);
-    Elem<T>::store(p, i, pv);
-    Elem<T>::store(b, i, bv);
+    if (upd) {
+      float bv = Elem<T>::load(b, i);
+      sgd_math(pv, Elem<T>::load(g, i), bv, c);
+      Elem<T>::store(p, i, pv);
+      Elem<T>::store(b, i, bv);
+    }
     if (HIST) atomicAdd(&sh[radix::digit1(key_of(Elem<T>::round(pv)))], 1u);
   }
 }
@@ -96,8 +105,10 @@ __device__ __forceinline__ void sgd_chunk(T* __restrict__ p, const T* __restrict
 template <bool HIST>
 __global__ void __launch_bounds__(kThreads)
 fused_sgd_kernel(const SgdSeg* __restrict__ segs, int nseg, int64_t nchunks, SgdCoef c,
-                 int64_t* __restrict__ hist1) {
+                 int64_t* __restrict__ hist1, const bool* __restrict__ skip) {
   extern __shared__ unsigned int sh[];  // kRadixBins entries when HIST, else unused
+  const bool upd = skip == nullptr || !*skip;
+  if (!HIST && !upd) return;
   if (HIST) {
     for (int i = threadIdx.x; i < kRadixBins; i += blockDim.x) sh[i] = 0u;
     __syncthreads();
@@ -109,7 +120,7 @@ fused_sgd_kernel(const SgdSeg* __restrict__ segs, int nseg, int64_t nchunks, Sgd
     with_elem_type(seg.dtype, [&](auto* tag) {
       using T = typename std::remove_pointer<decltype(tag)>::type;
       sgd_chunk<T, HIST>(static_cast<T*>(seg.p), static_cast<const T*>(seg.g),
-                         static_cast<T*>(seg.b), seg.vec_ok != 0, cs, ce, c, sh);
+                         static_cast<T*>(seg.b), seg.vec_ok != 0, cs, ce, c, upd, sh);
     });
   }
   if (HIST) {
@@ -128,13 +139,13 @@ fused_sgd_kernel(const SgdSeg* __restrict__ segs, int nseg, int64_t nchunks, Sgd
 
 cudaError_t launch_fused_sgd(const SgdSeg* segs, int nseg, int64_t nchunks, int grid, float lr,
                              float momentum, float weight_decay, int64_t* hist1,
-                             cudaStream_t stream) {
+                             const bool* skip, cudaStream_t stream) {
   const SgdCoef c{lr, momentum, weight_decay};
   if (hist1 != nullptr) {
     fused_sgd_kernel<true><<<grid, kThreads, kRadixBins * sizeof(unsigned int), stream>>>(
-        segs, nseg, nchunks, c, hist1);
+        segs, nseg, nchunks, c, hist1, skip);
   } else {
-    fused_sgd_kernel<false><<<grid, kThreads, 0, stream>>>(segs, nseg, nchunks, c, nullptr);
+    fused_sgd_kernel<false><<<grid, kThreads, 0, stream>>>(segs, nseg, nchunks, c, nullptr, skip);
   }
   return cudaGetLastError();
 }

@@ -75,7 +75,7 @@ cudaError_t launch_radix_histogram(const TopkSeg* segs, int nseg, int64_t nchunk
                                    int64_t* hist, cudaStream_t stream);
 cudaError_t launch_fused_sgd(const SgdSeg* segs, int nseg, int64_t nchunks, int grid, float lr,
                              float momentum, float weight_decay, int64_t* hist1,
-                             cudaStream_t stream);
+                             const bool* skip, cudaStream_t stream);
 cudaError_t launch_masked_weight(int32_t dtype, const void* theta, const bool* mask, void* out,
                                  int64_t n, bool vec_ok, int grid, cudaStream_t stream);
 // theta/scores may be nullptr when !need_scores; dtheta nullptr when !need_theta.

@@ -152,7 +152,8 @@ bool same_layout(const at::Tensor& a, const at::Tensor& ref) {
 }
 
 void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, double lr,
-                    double momentum, double weight_decay, const std::optional<at::Tensor>& hist1) {
+                    double momentum, double weight_decay, const std::optional<at::Tensor>& hist1,
+                    const std::optional<at::Tensor>& skip) {
   const char* op = "bip_fast::fused_sgd_";
   TORCH_CHECK(grads.size() == params.size(), op, ": grads must have one tensor per param (",
               params.size(), "), got ", grads.size());
@@ -171,6 +172,13 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     TORCH_CHECK(hist1->dim() == 1 && hist1->numel() == kRadixBins, op,
                 ": hist1 must have shape (", kRadixBins, ",), got ", hist1->sizes());
     TORCH_CHECK(hist1->is_contiguous(), op, ": hist1 must be contiguous (it is updated in place)");
+  }
+  const bool has_skip = skip.has_value() && skip->defined();
+  if (has_skip) {  // read on the device by every block: no host synchronisation
+    check_cuda_tensor(*skip, dev, op, "skip");
+    TORCH_CHECK(skip->scalar_type() == at::kBool && skip->numel() == 1, op,
+                ": skip must be a one-element bool tensor, got ", skip->scalar_type(), " ",
+                skip->sizes());
   }
 
   std::vector<SgdSeg> segs;
@@ -238,7 +246,8 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                                   static_cast<int>(segs.size()), nchunks,
                                   grid_for_chunks(nchunks), static_cast<float>(lr),
                                   static_cast<float>(momentum), static_cast<float>(weight_decay),
-                                  has_hist ? hist1->data_ptr<int64_t>() : nullptr, stream));
+                                  has_hist ? hist1->data_ptr<int64_t>() : nullptr,
+                                  has_skip ? skip->const_data_ptr<bool>() : nullptr, stream));
   for (auto& wb : write_back) wb.first.copy_(wb.second);
 }
 

@@ -116,16 +116,23 @@ void test_elementwise() {
   auto sgd = c10::Dispatcher::singleton()
                  .findSchemaOrThrow("bip_fast::fused_sgd_", "")
                  .typed<void(at::TensorList, at::TensorList, at::TensorList, double, double, double,
-                             const std::optional<at::Tensor>&)>();
+                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   at::Tensor p = at::randn({1000}), g = at::randn({1000}), b = at::randn({1000});
   at::Tensor d = g + 1e-4 * p;
   at::Tensor b_want = 0.9 * b + d;
   at::Tensor p_want = p - 0.1 * b_want;
   at::Tensor h = at::zeros({4096}, at::kLong);
   std::vector<at::Tensor> ps{p}, gs{g}, bs{b};
-  sgd.call(ps, gs, bs, 0.1, 0.9, 1e-4, h);
+  sgd.call(ps, gs, bs, 0.1, 0.9, 1e-4, h, std::nullopt);
   EXPECT(at::allclose(b, b_want, 1e-6, 1e-6));
   EXPECT(at::allclose(p, p_want, 1e-6, 1e-6));
+  EXPECT(h.sum().item<int64_t>() == 1000);
+  // skip = true: nothing changes, the histogram still counts every param.
+  at::Tensor p0 = p.clone(), b0 = b.clone();
+  h.zero_();
+  sgd.call(ps, gs, bs, 0.1, 0.9, 1e-4, h, at::ones({}, at::kBool));
+  EXPECT(at::equal(p, p0));
+  EXPECT(at::equal(b, b0));
   EXPECT(h.sum().item<int64_t>() == 1000);
 }
 

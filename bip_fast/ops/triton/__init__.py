@@ -15,7 +15,8 @@ Ops registered by ``register()`` (all in the ``bip_fast`` namespace, via
     masked_weight_backward_triton(Tensor grad, Tensor theta, Tensor mask, Tensor scores,
                                   float ig_scale, bool need_theta, bool need_scores) -> (Tensor, Tensor)
     fused_sgd_triton_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, float lr,
-                      float momentum, float weight_decay, Tensor(c!)? hist1) -> ()
+                      float momentum, float weight_decay, Tensor(c!)? hist1,
+                      Tensor? skip=None) -> ()
     masked_linear_fwd_triton(Tensor x, Tensor weight, Tensor mask, Tensor? bias) -> Tensor
     masked_linear_bwd_input_triton(Tensor grad, Tensor weight, Tensor mask) -> Tensor
     masked_linear_bwd_weight_triton(Tensor grad, Tensor x, Tensor weight, Tensor mask,
@@ -213,11 +214,12 @@ def masked_weight_backward_triton(grad, theta, mask, scores, ig_scale: float,
 
 
 def fused_sgd_triton_(params, grads, bufs, lr: float, momentum: float, weight_decay: float,
-                      hist1=None) -> None:
-    """In-place SGD step (momentum, weight decay); optional D1 histogram of updated params."""
+                      hist1=None, skip=None) -> None:
+    """In-place SGD step (momentum, weight decay); optional D1 histogram of updated params;
+    a true ``skip`` (one bool on the device) leaves everything unchanged."""
     register()
     torch.ops.bip_fast.fused_sgd_triton_(
-        list(params), list(grads), list(bufs), float(lr), float(momentum), float(weight_decay), hist1
+        list(params), list(grads), list(bufs), float(lr), float(momentum), float(weight_decay), hist1, skip
     )
 
 

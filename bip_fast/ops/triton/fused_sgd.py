@@ -6,6 +6,8 @@
 # in float32, stored back in the param / buffer dtype. With hist1 (int64[4096], zeroed by the
 # caller) the kernel also histograms D1 = key(p_new) >> 19 of the *stored* updated params, i.e.
 # exactly the first radix pass of topk_masks on them, so topk_masks_hist can skip that pass.
+# With skip (a one-element bool tensor on the device, read by each program: no host sync),
+# a true value stores nothing and the histogram counts the unchanged params.
 #
 # Traffic per element (b = param bytes, c = grad bytes): reads p, g, buf (2b + c), writes p, buf
 # (2b); about 5 FLOPs. The histogram adds no traffic: registers, one flush of 4096 bins per
@@ -32,24 +34,30 @@ NUM_BINS = 4096
 
 @triton.jit
 def _fused_sgd_kernel(
-    p_ptr, g_ptr, b_ptr, hist_ptr, n, lr, momentum, weight_decay,
-    HIST: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, NBINS: tl.constexpr,
+    p_ptr, g_ptr, b_ptr, hist_ptr, skip_ptr, n, lr, momentum, weight_decay,
+    HIST: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, NBINS: tl.constexpr,
 ):
     base = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
+    if SKIP:
+        upd = tl.load(skip_ptr) == 0
+    else:
+        upd = True
     if HIST:
         acc = tl.zeros([NBINS], dtype=tl.int32)
     for it in range(ITERS):
         offs = base + it * BLOCK + tl.arange(0, BLOCK)
         inb = offs < n
-        p = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        wr = inb & upd
+        p0 = tl.load(p_ptr + offs, mask=inb, other=0.0)
+        p = p0.to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=wr, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs, mask=wr, other=0.0).to(tl.float32)
         d = g + weight_decay * p
         b = momentum * b + d
         p = p - lr * b
-        p_out = p.to(p_ptr.dtype.element_ty)
-        tl.store(p_ptr + offs, p_out, mask=inb)
-        tl.store(b_ptr + offs, b.to(b_ptr.dtype.element_ty), mask=inb)
+        p_out = tl.where(upd, p.to(p_ptr.dtype.element_ty), p0)
+        tl.store(p_ptr + offs, p_out, mask=wr)
+        tl.store(b_ptr + offs, b.to(b_ptr.dtype.element_ty), mask=wr)
         if HIST:
             key = p_out.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
             acc += tl.histogram(key >> 19, NBINS, mask=inb)
@@ -74,8 +82,10 @@ def fused_sgd_triton_(
     momentum: float,
     weight_decay: float,
     hist1: Optional[torch.Tensor],
+    skip: Optional[torch.Tensor] = None,
 ) -> None:
     want_hist = hist1 is not None
+    skip_u8 = None if skip is None else skip.reshape(1).view(torch.uint8)
     per_prog = BLOCK * ITERS
     dummy = None
     for p, g, b in zip(params, grads, bufs):
@@ -87,13 +97,13 @@ def fused_sgd_triton_(
             pw, gw, bw = p, g, b
         else:
             pw, gw, bw = p.contiguous(), g.contiguous(), b.contiguous()
-        if not want_hist and dummy is None:
+        if (not want_hist or skip_u8 is None) and dummy is None:
             dummy = torch.empty(1, dtype=torch.int64, device=p.device)  # unused hist pointer
         launch(
             _fused_sgd_kernel, (triton.cdiv(n, per_prog),),
-            pw, gw, bw, hist1 if want_hist else dummy, n,
+            pw, gw, bw, hist1 if want_hist else dummy, dummy if skip_u8 is None else skip_u8, n,
             float(lr), float(momentum), float(weight_decay),
-            HIST=want_hist, BLOCK=BLOCK, ITERS=ITERS, NBINS=NUM_BINS,
+            HIST=want_hist, SKIP=skip_u8 is not None, BLOCK=BLOCK, ITERS=ITERS, NBINS=NUM_BINS,
         )
         if not same_layout:
             p.copy_(pw)
