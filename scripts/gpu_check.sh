@@ -20,9 +20,11 @@
 #   speedup    benchmarks/speedup.py --preset mid --max-minutes <=2.5 --resume, when CIFAR-10 is
 #              found (a subset in data/cifar10-gpu, written by scripts/cifar_subset.py and copied
 #              along with the checkout: the whole set does not travel); else skipped
+#   loader     benchmarks/loader.py --decode both: FolderLoader with PIL in 8 workers and with
+#              decode_jpeg on the GPU, against torchvision's ImageFolder, 512 generated JPEGs
 #
 # Output in $OUT (./gpu-results when OUT is unset): summary.md, kernels.json, step.json,
-# speedup.json, time_vs_sparsity.png, accuracy_vs_sparsity.png, logs.tar.gz (every log, the
+# speedup.json, time_vs_sparsity.png, accuracy_vs_sparsity.png, loader.json, logs.tar.gz (every log, the
 # junit XML, build_info.json). Work files stay in $GPU_CHECK_WORK (build/gpu-check, ignored), so a
 # second run on the same machine resumes the speedup run and rebuilds incrementally.
 #
@@ -33,7 +35,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
-ALL_STAGES="env build tests sanitizer kernels step speedup"
+ALL_STAGES="env build tests sanitizer kernels step speedup loader"
 DRY=${GPU_CHECK_DRY_RUN:-0}
 STAGES=${GPU_CHECK_STAGES:-$ALL_STAGES}
 BUDGET=${GPU_CHECK_BUDGET:-525}
@@ -66,8 +68,8 @@ PER_TEST=${GPU_CHECK_PER_TEST_TIMEOUT:-120}
 SPEEDUP_ARGS=${GPU_CHECK_SPEEDUP_ARGS:---preset mid}
 JOBS=$(nproc 2>/dev/null || echo 4)
 # Per stage: the most seconds it may take, and the least that earlier stages must leave it.
-declare -A CAP=([env]=30 [build]=200 [tests]=200 [sanitizer]=130 [kernels]=75 [step]=75 [speedup]=180)
-declare -A MIN=([env]=0 [build]=0 [tests]=60 [sanitizer]=30 [kernels]=40 [step]=40 [speedup]=90)
+declare -A CAP=([env]=30 [build]=200 [tests]=200 [sanitizer]=130 [kernels]=75 [step]=75 [speedup]=180 [loader]=50)
+declare -A MIN=([env]=0 [build]=0 [tests]=60 [sanitizer]=30 [kernels]=40 [step]=40 [speedup]=90 [loader]=30)
 FAILED=0
 
 unset TRITON_INTERPRET                     # Triton runs compiled on the GPU, never interpreted
@@ -109,7 +111,7 @@ render() {  # summary.md and logs.tar.gz in $OUT_DIR, rewritten after every step
     --stages "$STAGES" >/dev/null 2>>"$LOGS/report.log" || say "summary rendering failed (see logs/report.log)"
   tar -czf "$OUT_DIR/logs.tar.gz.tmp" -C "$WORK" --exclude='*.pt' --exclude=ckpt --exclude=speedup-cache \
     --ignore-failed-read logs status.tsv $(cd "$WORK" && ls -d junit.xml build_info.json kernels.json \
-    step.json speedup 2>/dev/null) 2>/dev/null && mv -f "$OUT_DIR/logs.tar.gz.tmp" "$OUT_DIR/logs.tar.gz"
+    step.json loader.json speedup 2>/dev/null) 2>/dev/null && mv -f "$OUT_DIR/logs.tar.gz.tmp" "$OUT_DIR/logs.tar.gz"
 }
 
 # run_step NAME TIMEOUT SIGNAL CMD...: runs CMD under `timeout`, output to $LOGS/NAME.log.
@@ -349,12 +351,18 @@ stage_speedup() {
   return 0
 }
 
+stage_loader() {
+  run_step loader "$(stage_timeout loader)" TERM "$PY" benchmarks/loader.py --device cuda --decode both \
+    --images 512 --batch-size 64 --workers 8 --repeats 3 --json "$WORK/loader.json"
+  [ "$DRY" = 1 ] || { [ -f "$WORK/loader.json" ] && cp -f "$WORK/loader.json" "$OUT_DIR/"; }
+}
+
 # ------------------------------------------------------------------------------------ main
 find_data >/dev/null || MIN[speedup]=0  # nothing to keep time for: the stage will skip
 if [ "$DRY" = 1 ]; then
   say "dry run: nothing is built or run"
   say "plan: stages [$STAGES] of [$ALL_STAGES], budget ${BUDGET}s, python '$PY', $JOBS cores"
-  say "output: $OUT_DIR (summary.md, kernels.json, step.json, speedup.json, 2 PNG, logs.tar.gz); work: $WORK"
+  say "output: $OUT_DIR (summary.md, kernels.json, step.json, speedup.json, 2 PNG, loader.json, logs.tar.gz); work: $WORK"
   if data=$(find_data); then say "CIFAR-10: $data"; else say "CIFAR-10: not found here: the speedup stage would skip"; fi
   caps=0; for s in $STAGES; do caps=$(( caps + ${CAP[$s]} )); done
   say "timeouts below are caps (sum ${caps}s); at run time each step gets at most what is left of the budget, less the minimum kept for the later stages"

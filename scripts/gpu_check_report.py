@@ -208,6 +208,7 @@ def render(args) -> str:
     out += section_bench(work, "kernels", "Kernels (benchmarks/kernels.py)")
     out += section_bench(work, "step", "Per-step time (benchmarks/step.py, batch 128)")
     out += section_bench(work, "speedup", "Speedup run (benchmarks/speedup.py)")
+    out += section_bench(work, "loader", "Folder loader, PIL workers vs decode_jpeg on the GPU (benchmarks/loader.py)")
     bad = [r for r in rows if r["status"] not in ("ok", "SKIP")]
     for r in bad:
         tail = log(work, r["name"])[-TAIL_ON_FAILURE:]

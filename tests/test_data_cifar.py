@@ -216,3 +216,35 @@ def test_load_to_cuda(tmp_path):
     assert ds.train_x.is_cuda and ds.train_y.is_cuda and ds.test_x.is_cuda
     ref = load_dataset("cifar10", data_dir=tmp_path, download=False)
     assert torch.equal(ds.train_x.cpu(), ref.train_x) and torch.equal(ds.test_y.cpu(), ref.test_y)
+
+
+def _flip_pixel_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x5A  # inside the pixel array: the pickle still loads
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("manifest,algo", [("SHA256SUMS", "sha256"), ("MD5SUMS", "md5")])
+def test_checksum_manifest_catches_a_flipped_pixel_byte(tmp_path, manifest, algo):
+    import hashlib
+
+    folder, _ = _make_cifar10(tmp_path)
+    lines = [f"{hashlib.new(algo, f.read_bytes()).hexdigest()}  cifar-10-batches-py/{f.name}\n"
+             for f in sorted(folder.iterdir())]
+    (tmp_path / manifest).write_text("".join(lines))
+    assert load_dataset("cifar10", tmp_path, download=False).train_x.shape[0] == 100  # intact: loads
+    _flip_pixel_byte(folder / "data_batch_3")
+    with pytest.raises(ValueError, match=rf"data_batch_3' is corrupt: its {algo.upper()} differs .*{manifest}"):
+        load_dataset("cifar10", tmp_path, download=False)
+    (tmp_path / manifest).unlink()  # no manifest, no original-format files: only the structure is checked
+    assert load_dataset("cifar10", tmp_path, download=False).train_x.shape[0] == 100
+
+
+def test_original_format_file_must_match_the_published_md5(tmp_path):
+    pytest.importorskip("torchvision")
+    folder, _ = _make_cifar10(tmp_path)
+    entry = pickle.loads((folder / "test_batch").read_bytes(), encoding="latin1")
+    entry["filenames"] = [f"img_{i}.png" for i in range(len(entry["labels"]))]  # claims to be the original
+    (folder / "test_batch").write_bytes(pickle.dumps(entry))
+    with pytest.raises(ValueError, match=r"test_batch' is corrupt: its MD5 differs from the one of the published"):
+        load_dataset("cifar10", tmp_path, download=False)

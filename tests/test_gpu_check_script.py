@@ -21,7 +21,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
-STAGES = ["env", "build", "tests", "sanitizer", "kernels", "step", "speedup"]
+STAGES = ["env", "build", "tests", "sanitizer", "kernels", "step", "speedup", "loader"]
 BASH = shutil.which("bash") or "/bin/bash"
 STUBBED = ("python", "python3", "nvidia-smi", "nvcc", "compute-sanitizer", "pip", "pip3", "ncu")
 

@@ -9,6 +9,7 @@ Batching and its exact resume live in :mod:`bip_fast.data.loaders`.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import shutil
@@ -140,11 +141,40 @@ def _download(name: str, root: Path) -> None:
         socket.setdefaulttimeout(old)
 
 
-def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Read one pickle batch -> (uint8 [n, 3072], int64 [n]); ValueError naming the file."""
+def _expected_digests(name: str, folder: Path) -> dict:
+    """File name -> (algorithm, hex digest, source) the batches must match, since a flipped byte
+    inside the pixels unpickles fine: a SHA256SUMS / MD5SUMS manifest in the batches folder or the
+    folder above it (paths relative to that folder), else -- for files in the original
+    distribution's format, see :func:`_read_batch` -- the published MD5s from torchvision's
+    dataset tables (none without torchvision: then only each file's structure is checked)."""
+    out = {}
     try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        cls = CIFAR10 if name == "cifar10" else CIFAR100
+        out = {f: ("md5", md5, "the published file", True) for f, md5 in list(cls.train_list) + list(cls.test_list)}
+    except ImportError:
+        pass
+    for where in (folder.parent, folder):
+        for manifest, algo in (("MD5SUMS", "md5"), ("SHA256SUMS", "sha256")):
+            path = where / manifest
+            if not path.is_file():
+                continue
+            for line in path.read_text(errors="replace").splitlines():
+                parts = line.split()
+                if len(parts) == 2 and (where / parts[1].lstrip("*")).parent == folder:
+                    out[Path(parts[1]).name] = (algo, parts[0].lower(), f"'{path}'", False)
+    return out
+
+
+def _read_batch(path: Path, label_key: str, num_classes: int, digest=None) -> tuple[np.ndarray, np.ndarray]:
+    """Read one pickle batch -> (uint8 [n, 3072], int64 [n]); ValueError naming the file.
+
+    ``digest`` (algorithm, hex, source, published_only): the checksum the file must have; a
+    published-only digest applies to files in the original format (with 'filenames')."""
+    try:
+        raw = path.read_bytes()
+        entry = pickle.loads(raw, encoding="latin1")
     except FileNotFoundError:
         raise FileNotFoundError(f"CIFAR file '{path}' is missing") from None
     except Exception as e:  # truncated / garbage bytes raise many different exception types
@@ -162,6 +192,11 @@ def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarra
     if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
         raise ValueError(f"CIFAR file '{path}' is corrupt: expected {data.shape[0]} labels, "
                          f"got shape {tuple(labels.shape)}")
+    if digest is not None and (not digest[3] or "filenames" in entry):
+        algo, want, source = digest[:3]
+        if hashlib.new(algo, raw).hexdigest() != want:
+            raise ValueError(f"CIFAR file '{path}' is corrupt: its {algo.upper()} differs from the one of "
+                             f"{source}; replace it with a fresh copy")
     if labels.size and (not np.issubdtype(labels.dtype, np.integer)
                         or labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"CIFAR file '{path}' is corrupt: labels must be integers in "
@@ -249,8 +284,9 @@ def load_dataset(name: str = "cifar10", data_dir=None, device="cpu", subset=None
                 f"the folder holding '{base}'.")
 
     parts = {}
+    digests = _expected_digests(key, folder)
     for split, split_files in (("train", train_files), ("test", test_files)):
-        batches = [_read_batch(folder / f, label_key, num_classes) for f in split_files]
+        batches = [_read_batch(folder / f, label_key, num_classes, digests.get(f)) for f in split_files]
         parts[split] = (np.concatenate([b[0] for b in batches]),
                         np.concatenate([b[1] for b in batches]))
 

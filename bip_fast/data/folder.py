@@ -20,7 +20,9 @@ Augmentation (per image, in the decoding workers): training uses the random resi
 crop of the nearest allowed aspect ratio) to ``size`` x ``size`` plus a horizontal flip with
 probability 1/2; evaluation resizes the shorter side to ``eval_resize`` and takes the central
 ``size`` x ``size`` crop. Batches leave the workers as uint8 (pinned when the target is a GPU)
-and are normalised on the target device.
+and are normalised on the target device. ``FolderLoader(decode="device")`` instead decodes the
+JPEGs and applies the same crops and flips on the target device (see
+:mod:`bip_fast.data.device_decode`).
 
 Determinism and exact resume: every random decision of an epoch (the permutation and one 62-bit
 seed per position, from which that image's crop and flip are drawn) comes from a CPU generator
@@ -30,15 +32,14 @@ exactly.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
+from .device_decode import DECODE_MODES, DeviceDecoder, RawFiles, collate_raw, eval_geometry, to_chw, train_geometry
 from .loaders import Loader
 
 __all__ = ["FOLDER_DATASETS", "SPECS", "scan", "FolderImages", "FolderLoader",
@@ -162,29 +163,6 @@ def decode_rgb(path: str):
         return None
 
 
-def _crop_box(w: int, h: int, gen: torch.Generator) -> Tuple[int, int, int, int]:
-    """Random resized crop box (left, top, width, height); see the module docstring."""
-    area = w * h
-    log_r = (math.log(3 / 4), math.log(4 / 3))
-    draws = torch.rand(10, 3, generator=gen, dtype=torch.float64).tolist()
-    for u_area, u_ratio, u_pos in draws:
-        target = area * (0.08 + u_area * 0.92)
-        ratio = math.exp(log_r[0] + u_ratio * (log_r[1] - log_r[0]))
-        cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
-        if 0 < cw <= w and 0 < ch <= h:
-            # one uniform draw places the box: its integer split gives left and top
-            pos = int(u_pos * (w - cw + 1) * (h - ch + 1))
-            return pos % (w - cw + 1), pos // (w - cw + 1), cw, ch
-    r = w / h
-    if r < 3 / 4:
-        cw, ch = w, int(round(w / (3 / 4)))
-    elif r > 4 / 3:
-        cw, ch = int(round(h * (4 / 3))), h
-    else:
-        cw, ch = w, h
-    return (w - cw) // 2, (h - ch) // 2, cw, ch
-
-
 class FolderImages(torch.utils.data.Dataset):
     """``samples[i]`` decoded and augmented; indexed by ``(i, seed)`` (the seed drives the
     training crop and flip). Returns ``(uint8 [3, size, size] or None, label)``, or with
@@ -206,19 +184,12 @@ class FolderImages(torch.utils.data.Dataset):
 
         s = self.size
         if self.train:
-            gen = torch.Generator().manual_seed(int(seed))
-            left, top, cw, ch = _crop_box(img.width, img.height, gen)
+            (left, top, cw, ch), flip = train_geometry(img.width, img.height, seed)
             img = img.resize((s, s), Image.BILINEAR, box=(left, top, left + cw, top + ch))
-            if bool(torch.rand((), generator=gen) < 0.5):
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            return img
-        # torchvision's Resize(eval_resize) + CenterCrop(size) arithmetic, so results match it.
-        w, h = img.width, img.height
-        r = self.eval_resize
-        w, h = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+            return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
+        w, h, left, top = eval_geometry(img.width, img.height, self.eval_resize, s)
         if (w, h) != (img.width, img.height):
             img = img.resize((w, h), Image.BILINEAR)
-        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
         return img.crop((left, top, left + s, top + s))
 
     def __getitem__(self, key):
@@ -227,7 +198,7 @@ class FolderImages(torch.utils.data.Dataset):
         img = decode_rgb(path)
         if img is None:
             return None, label
-        x = torch.from_numpy(np.asarray(self._transform(img, seed), dtype=np.uint8).copy()).permute(2, 0, 1)
+        x = to_chw(self._transform(img, seed))
         if self.normalize is None:
             return x, label
         scale, shift = self.normalize
@@ -259,15 +230,29 @@ class FolderLoader(Loader):
     the workers normalise each image (see :class:`FolderImages`). Undecodable
     images are dropped from their batch and counted in ``skipped`` (kept in the state; a batch
     of only such images is not yielded).
+
+    ``decode="cpu"`` (the default) decodes and augments with PIL in the workers, as above.
+    ``decode="device"`` has the workers read only the files' bytes and decodes each batch in this
+    process with ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG on a GPU, libjpeg on the
+    CPU), then crops, resizes (float32 bilinear with antialiasing), flips and normalises there
+    (:mod:`bip_fast.data.device_decode`): the same crop boxes, flips, batches and resume as the
+    CPU path; pixel values within one level of it, except in a thin band at the training crop's
+    border (PIL's box resize also reads pixels just outside the box). Files the device decoder refuses
+    (PNG, or anything ``decode_jpeg`` raises on) are decoded with PIL on the host (counted in
+    ``decoder.fallbacks``); files PIL refuses too are skipped as above. The device path is tested
+    on the CPU only and has not been measured on a GPU yet; "cpu" stays the default until a
+    measurement shows the device path faster.
     """
 
     def __init__(self, samples: Sequence[Sample], batch_size: int, *, train: bool, size: int, eval_resize: int,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, seed: int = 0, num_workers: int = 0, device="cpu",
-                 channels_last: bool = False, drop_last: Optional[bool] = None):
+                 channels_last: bool = False, drop_last: Optional[bool] = None, decode: str = "cpu"):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
             raise ValueError(f"num_workers: expected a non-negative int, got {num_workers!r}")
+        if not isinstance(decode, str) or decode not in DECODE_MODES:
+            raise ValueError(f"decode: expected one of {DECODE_MODES}, got {decode!r}")
         if not samples:
             raise ValueError("samples: expected at least one (path, label) pair, got none")
         if not (isinstance(size, int) and isinstance(eval_resize, int) and 0 < size <= eval_resize):
@@ -282,7 +267,12 @@ class FolderLoader(Loader):
         self.dtype = torch.float32
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=self.device).view(1, 3, 1, 1)
         self._shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=self.device).view(1, 3, 1, 1)
-        if self.device.type == "cpu":  # normalise in the workers (see FolderImages)
+        self.decode = decode
+        self.decoder = None
+        if decode == "device":
+            self.decoder = DeviceDecoder(size=size, eval_resize=eval_resize, train=train, device=self.device,
+                                         host_decode=decode_rgb)
+        elif self.device.type == "cpu":  # normalise in the workers (see FolderImages)
             self.images.normalize = (self._scale.view(3, 1, 1), self._shift.view(3, 1, 1))
         if len(self) == 0:
             raise ValueError(f"batch_size: {batch_size} with drop_last={self.drop_last} over {len(samples)} "
@@ -315,13 +305,19 @@ class FolderLoader(Loader):
 
     def _run(self, token: int):
         on_host = self.images.normalize is not None
+        plan = self._batches()[self._pos:]
+        raw = self.decoder is not None
         dl = torch.utils.data.DataLoader(
-            self.images, batch_sampler=self._batches()[self._pos:], num_workers=self.num_workers,
-            collate_fn=_collate, pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.num_workers else None)
-        for x, y, skipped in dl:
+            RawFiles(self.images.samples) if raw else self.images, batch_sampler=plan, num_workers=self.num_workers,
+            collate_fn=collate_raw if raw else _collate, pin_memory=self.device.type == "cuda" and not raw,
+            prefetch_factor=4 if self.num_workers else None)
+        for k, out in enumerate(dl):
             if token != self._token:
                 raise RuntimeError("FolderLoader: this iterator was superseded by a newer iter(), set_epoch() or "
                                    "load_state_dict(); use one iterator at a time")
+            if raw:  # decode on the device; the paths come from this batch's plan
+                out = self.decoder(*out, [self.images.samples[i][0] for i, _ in plan[k]])
+            x, y, skipped = out
             self._pos += 1
             self.skipped += skipped
             if x is None:

@@ -1,0 +1,137 @@
+"""FolderLoader(decode="device") on the CPU device against the PIL path (decode="cpu"): the same
+batches, labels, crops and flips, pixel values equal up to interpolation rounding; grayscale,
+CMYK and PNG files; the host fallback; corrupt files; bad values; exact resume.
+
+Measured on these trees (normalised units; one pixel level is 1 / (255 * 0.224) = 0.0175 for
+ImageNet's std): evaluation batches differ by at most one level (max 0.0175, mean 0.0025-0.0036).
+Training batches agree to one level away from the crop's border; in the border band the PIL
+path's box resize also reads source pixels just outside the crop box while ``interpolate`` on the
+cropped tensor clamps at its edge, which on these random-noise images moves border pixels by up
+to 107 levels (max 1.87), whole-image mean 0.017-0.021.
+"""
+import pytest
+import torch
+
+from bip_fast.data.folder import IMAGENET_STD, FolderLoader, load_folder_dataset, scan
+
+from test_imagefolder import imagenet_tree, tiny_tree
+
+pytest.importorskip("torchvision")
+
+LEVEL = 1 / (255 * min(IMAGENET_STD))  # one pixel level in normalised units
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_tree(tmp_path_factory.mktemp("dd") / "tiny", per_class=8, val_per_class=4)
+
+
+def both(samples, bs, **kw):
+    """(batches of the PIL path, batches of the device path, the device loader)."""
+    dev = FolderLoader(samples, bs, decode="device", **kw)
+    return list(FolderLoader(samples, bs, **kw)), list(dev), dev
+
+
+def diffs(a, b):
+    assert len(a) == len(b) and len(a) > 0
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb) and xa.shape == xb.shape and xb.dtype == torch.float32
+    return torch.cat([(xa - xb).abs() for (xa, _), (xb, _) in zip(a, b)])
+
+
+def test_eval_batches_match_the_pil_path(tiny):
+    samples, _ = scan("tiny-imagenet", tiny, "val")
+    for size, resize in ((24, 28), (20, 20), (40, 48)):
+        a, b, ld = both(samples, 5, train=False, size=size, eval_resize=resize)
+        d = diffs(a, b)
+        assert d.max() <= LEVEL * 1.001 and d.mean() < 0.005, (size, d.max(), d.mean())
+        assert ld.decoder.fallbacks == 0 and ld.skipped == 0
+
+
+@pytest.mark.parametrize("size", [24, 48])
+def test_train_batches_same_labels_crops_and_flips(tiny, size):
+    samples, _ = scan("tiny-imagenet", tiny, "train")
+    a, b, ld = both(samples, 4, train=True, size=size, eval_resize=size, seed=3)
+    d = diffs(a, b)  # same labels in the same order, same skipped corrupt file
+    assert ld.skipped == 1
+    # a different crop box or flip would move every pixel; away from the border band (where the
+    # PIL box resize reads pixels outside the box) the two paths agree to one level
+    margin = 3 if size == 24 else 4
+    inner = d[:, :, margin:-margin, margin:-margin]
+    assert inner.max() <= LEVEL * 1.001, inner.max()
+    assert d.mean() < 0.05, d.mean()
+
+
+def test_gray_cmyk_and_png_decode(tiny, tmp_path):
+    samples, _ = scan("tiny-imagenet", tiny, "train")
+    samples = [s for s in samples if "broken" not in s[0]]  # RGB, L and CMYK JPEGs
+    a, b, ld = both(samples, 8, train=False, size=24, eval_resize=28)
+    assert diffs(a, b).max() <= LEVEL * 1.001
+    assert ld.decoder.fallbacks == 0  # libjpeg converts gray and CMYK itself
+    png, _ = scan("imagenet", imagenet_tree(tmp_path / "in"), "train")
+    assert sum(p.endswith(".png") for p, _ in png) == 2
+    a, b, ld = both(png, 3, train=False, size=24, eval_resize=28)
+    assert diffs(a, b).max() <= LEVEL * 1.001
+    assert ld.decoder.fallbacks == 2 and ld.skipped == 0  # the PNGs went through PIL on the host
+
+
+@pytest.mark.parametrize("refuse", ["batch", "all"])
+def test_host_fallback_when_the_device_decoder_refuses(tiny, refuse):
+    """A device decoder that refuses the batched call (then each image is decoded alone) or every
+    image (CMYK on nvJPEG, say): same batches, via PIL on the host for the refused ones."""
+    samples, _ = scan("tiny-imagenet", tiny, "train")
+    kw = dict(train=True, size=24, eval_resize=24, seed=1)
+    ld = FolderLoader(samples, 4, decode="device", **kw)
+    real = ld.decoder._decode_jpeg
+
+    def picky(data):
+        if refuse == "all" or isinstance(data, list):
+            raise RuntimeError("refused")
+        return real(data)
+    ld.decoder._decode_jpeg = picky
+    want = list(FolderLoader(samples, 4, decode="device", **kw))
+    got = list(ld)
+    assert len(got) == len(want)
+    for (xa, ya), (xb, yb) in zip(got, want):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert ld.skipped == 1
+    assert ld.decoder.fallbacks == (0 if refuse == "batch" else sum(y.numel() for _, y in got))
+
+
+def test_corrupt_jpeg_is_skipped_and_counted(tiny):
+    samples, _ = scan("tiny-imagenet", tiny, "train")
+    ld = FolderLoader(samples, len(samples), train=False, size=24, eval_resize=28, decode="device")
+    (x, y), = list(ld)
+    assert x.shape[0] == len(samples) - 1 and ld.skipped == 1 and ld.state_dict()["skipped"] == 1
+    broken = [s for s in samples if "broken" in s[0]]
+    ld = FolderLoader(broken * 2, 2, train=False, size=24, eval_resize=28, decode="device")
+    assert list(ld) == [] and ld.skipped == 2 and ld.epoch == 1  # a batch of only bad files: nothing
+
+
+@pytest.mark.parametrize("bad", ["gpu", "CPU", "", None, 1])
+def test_bad_decode_values(tiny, bad):
+    samples, _ = scan("tiny-imagenet", tiny, "val")
+    with pytest.raises(ValueError, match="decode"):
+        FolderLoader(samples, 2, train=False, size=24, eval_resize=28, decode=bad)
+
+
+def test_resume_workers_and_channels_last(tiny):
+    ds = load_folder_dataset("tiny-imagenet", tiny)
+    ld = ds.train_loader(4, seed=5, decode="device")
+    assert len(ld) == 6 and ld.decode == "device"
+    full, skipped0 = list(ld), ld.skipped
+    assert skipped0 in (0, 1) and sum(y.numel() for _, y in full) == 24 - skipped0  # 25 files, drop_last
+    it = iter(ld)
+    for _ in range(3):
+        next(it)
+    state = ld.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 3)
+    ref = list(it)
+    again = ds.train_loader(4, seed=5, decode="device", num_workers=2, channels_last=True)
+    again.load_state_dict(state)
+    rest = list(again)
+    assert len(rest) == len(ref) == 3 and again.skipped == ld.skipped
+    for (xa, ya), (xb, yb) in zip(ref, rest):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert xb.is_contiguous(memory_format=torch.channels_last)
+    assert ds.test_loader(6, decode="device").decoder is not None
