@@ -61,6 +61,7 @@ class NonFiniteGuard:
         self._keys: Dict[Tuple[str, ...], int] = {}
         self._dev: Optional[torch.device] = None
         self._step: Optional[int] = None
+        self._per = 1  # values per gradient in the reduction (2 on the CPU: min and max)
 
     def _init(self, device: torch.device) -> None:
         self._dev = device
@@ -77,13 +78,19 @@ class NonFiniteGuard:
         lv = loss.detach().float().reshape(-1)[:1].reshape(())
         if self._dev != lv.device:
             self._init(lv.device)
+        named_grads = [(n, g) for n, g in named_grads if g.numel()]
         names = tuple(n for n, _ in named_grads)
         key = self._keys.get(names)
         if key is None:
             key = self._keys[names] = len(self._names)
             self._names.append(names)
         grads = [g for _, g in named_grads]
-        peaks = [t.float() for t in torch._foreach_norm(grads, float("inf"))] if grads else []
+        if lv.device.type == "cpu":  # min and max catch NaN and +-inf too, ~10x faster than the CPU inf-norm
+            self._per = 2
+            peaks = [t.float() for g in grads for t in torch.aminmax(g)]
+        else:  # one multi-tensor kernel
+            self._per = 1
+            peaks = [t.float() for t in torch._foreach_norm(grads, float("inf"))] if grads else []
         fin = torch.stack([lv] + peaks).isfinite()
         bad = ~fin.all()
         if step != self._step:  # a new step: its passes share one verdict
@@ -124,7 +131,7 @@ class NonFiniteGuard:
             if idx <= 0:
                 what = f"loss ({float(self.record_loss)})"
             else:
-                what = f"gradient of {self._names[key][idx - 1]!r} (the loss is finite)"
+                what = f"gradient of {self._names[key][(idx - 1) // self._per]!r} (the loss is finite)"
             self.reset()  # reported: a caller that goes on (e.g. at a lower rate) trains again
             raise NonFiniteError(step, what, n, self.limit)
         return n
