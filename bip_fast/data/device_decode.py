@@ -4,11 +4,15 @@ geometry both decode paths share.
 The worker processes only read each file's bytes (:class:`RawFiles`); the main process decodes a
 whole batch with ``torchvision.io.decode_jpeg(..., device=...)`` (nvJPEG on a GPU, libjpeg on the
 CPU) and applies the same geometry as the PIL path of :mod:`bip_fast.data.folder`: the crop box
-and flip come from :func:`train_geometry` / :func:`eval_geometry`, which both paths call, and the
-resize is a float32 bilinear ``interpolate`` with antialiasing, rounded to whole pixel values
-(PIL's resize is a bilinear filter of the same support, rounded to uint8). The paths agree to one
-pixel level except in a thin band at the training crop's border: PIL's box resize reads source
-pixels just outside the box there, ``interpolate`` on the cropped tensor clamps at its edge.
+and flip come from :func:`train_geometry` / :func:`eval_geometry`, which both paths call. The
+training resize re-implements PIL's ``Image.resize(..., BILINEAR, box=...)``: the same filter
+coefficients (taps outside the box included, rounded to PIL's fixed point), one pass per axis in
+PIL's order, each rounded to uint8 values, as exact float64 matmuls (tested equal to Pillow 13's
+bit for bit). The evaluation resize (whole image, before the centre crop) is a float32 bilinear
+``interpolate`` with antialiasing, rounded to whole pixel values: within one level of PIL's. On
+the CPU (libjpeg) the training batches measured equal to the PIL path's, the evaluation batches
+within one pixel level. A GPU's decoder (nvJPEG) may decode slightly differently from libjpeg:
+not measured.
 
 Robustness: files that are not JPEG (checked by their first two bytes) skip the device decoder;
 if the batched call raises, each image is decoded alone; an image the device decoder refuses
@@ -18,6 +22,7 @@ fails there too is dropped from the batch and counted as skipped, as in the PIL 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -110,8 +115,77 @@ def collate_raw(items):
 # Main-process side: decode + geometry on the device
 # --------------------------------------------------------------------------------------------
 def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The evaluation resize: bilinear with antialiasing, rounded (within one level of PIL's)."""
     out = F.interpolate(x[None].float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
     return out.round_().clamp_(0, 255)
+
+
+_PIL_ONE = float(1 << 22)  # PIL's 8-bit resampling keeps its coefficients in 22-bit fixed point
+
+
+def _pil_weights(in_size: int, start: int, extent: int, out_size: int, device) -> Tuple[torch.Tensor, int, int]:
+    """(float64 [out_size, hi - lo] weights, lo, hi): PIL's BILINEAR resampling of the span
+    ``[start, start + extent)`` of an axis of ``in_size`` pixels to ``out_size`` pixels, as a dense
+    matrix over the source pixels ``[lo, hi)`` that some output reads. Each output pixel's triangle
+    filter (widened by the downscale factor) is centred on its position in the span and cut to
+    whole source pixels inside the image, not the span: near the span's edge PIL also reads the
+    pixels just outside it. Normalised to sum 1, then rounded to PIL's fixed point."""
+    scale = extent / out_size
+    fscale = max(scale, 1.0)  # the filter widens when downscaling (antialiasing), never narrows
+    lo = max(int(start + 0.5 * scale - fscale + 0.5), 0)  # the first output's first tap, as below
+    hi = min(int(start + (out_size - 0.5) * scale + fscale + 0.5), in_size)
+    f64 = dict(dtype=torch.float64, device=device)
+    center = (torch.arange(out_size, **f64) + 0.5).mul_(scale).add_(start)[:, None]
+    first = (center - fscale + 0.5).trunc_().clamp_(min=0)
+    last = (center + fscale + 0.5).trunc_().clamp_(max=in_size)  # taps in [first, last)
+    x = torch.arange(lo, hi, **f64)[None]
+    w = (x - center + 0.5).mul_(1.0 / fscale).abs_().neg_().add_(1).clamp_(min=0)
+    w.mul_((x >= first) & (x < last))
+    w.div_(w.sum(1, keepdim=True))
+    return w.mul_(_PIL_ONE).add_(0.5).floor_().div_(_PIL_ONE), lo, hi
+
+
+def _pil_round(x: torch.Tensor) -> torch.Tensor:
+    """PIL's rounding of a resampling sum to uint8 (half up, clipped), as whole float values."""
+    return x.add_(0.5).floor_().clamp_(0, 255)
+
+
+def _pil_resize(img: torch.Tensor, box: Tuple[int, int, int, int], h: int, w: int,
+                vertical_first: Optional[bool] = None) -> torch.Tensor:
+    """``Image.resize((w, h), Image.BILINEAR, box=(left, top, left + bw, top + bh))`` of a uint8
+    [C, H, W] image, ``box = (left, top, bw, bh)``, as float32 whole pixel values: one pass per
+    axis, each rounded to uint8 values as PIL's are, in PIL's order (see :func:`_vertical_first`).
+    The weights are multiples of 2**-22 and the pixels bytes, so float64 sums are exact: the result
+    is PIL's bit for bit, whatever the matmul's summation order (and TF32 settings do not apply)."""
+    left, top, bw, bh = box
+    _, in_h, in_w = img.shape
+    wy, y0, y1 = _pil_weights(in_h, top, bh, h, img.device)
+    wx, x0, x1 = _pil_weights(in_w, left, bw, w, img.device)
+    x = img[:, y0:y1, x0:x1].double()
+    if _vertical_first(in_w, in_h, w, h) if vertical_first is None else vertical_first:
+        return _pil_round(torch.matmul(_pil_round(torch.matmul(wy, x)), wx.t())).float()
+    return _pil_round(torch.matmul(wy, _pil_round(torch.matmul(x, wx.t())))).float()
+
+
+@functools.lru_cache(maxsize=None)
+def _pil_may_resize_vertically_first() -> bool:
+    """Whether the installed Pillow runs the vertical pass first in :func:`_vertical_first`'s case
+    (Pillow 13 does; earlier versions always resample horizontally first): tried once on an image
+    where the two orders round differently."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return False
+    img = torch.randint(0, 256, (1, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    want = torch.from_numpy(np.array(Image.fromarray(img[0].numpy(), "L").resize((60, 20), Image.BILINEAR)))
+    return torch.equal(_pil_resize(img, (0, 0, 64, 64), 20, 60, vertical_first=True)[0], want.float())
+
+
+def _vertical_first(in_w: int, in_h: int, w: int, h: int) -> bool:
+    """Pillow 13's choice of pass order for a resize of an ``in_w`` x ``in_h`` image to ``w`` x
+    ``h``, found by measuring it: vertical first when the height loses more than twice as many
+    pixels as the width (which may gain some), where the installed Pillow makes that choice."""
+    return h < in_h and 2 * (in_w - w) < in_h - h and _pil_may_resize_vertically_first()
 
 
 class DeviceDecoder:
@@ -167,7 +241,7 @@ class DeviceDecoder:
         s = self.size
         if self.train:
             (left, top, cw, ch), flip = train_geometry(w, h, seed)
-            x = _resize(img[:, top:top + ch, left:left + cw], s, s)
+            x = _pil_resize(img, (left, top, cw, ch), s, s)
             return x.flip(-1) if flip else x
         rw, rh, left, top = eval_geometry(w, h, self.eval_resize, s)
         x = img.float() if (rw, rh) == (w, h) else _resize(img, rh, rw)
