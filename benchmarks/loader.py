@@ -12,10 +12,10 @@ times both modes, one row each, against the same torchvision baseline.
 
 Correctness first: the evaluation preprocessing (resize + centre crop) must equal torchvision's
 on the first images, and with ``--decode device`` the training batches must match the PIL path's
-(``--decode cpu``), else the script exits with status 1. The device path's training resize is
-PIL's, its evaluation resize rounds differently (by one pixel level at most); so on a CPU device
-(libjpeg, as PIL) no pixel may differ by more than one level, on a GPU (nvJPEG, which decodes
-slightly differently) the mean difference must stay within one level. Timing: one untimed
+(``--decode cpu``), else the script exits with status 1. The device path's resizes are PIL's; so
+on a CPU device (libjpeg, as PIL) no pixel may differ by more than one level (the allowance covers
+JPEG decoder builds), on a GPU (nvJPEG, which decodes slightly differently) the mean difference
+must stay within one level. Timing: one untimed
 warm-up epoch per loader (worker start-up of later epochs is counted, as in training), then
 ``--repeats`` epochs per loader, interleaved, each ended by a device synchronisation; reported
 as images/s from the median epoch time (with p20 / p80), and the speedup over torchvision.
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         errs = {}
         for m in modes:
             errs[m] = check_eval_matches_torchvision(root, args.size, m, device if m == "device" else "cpu")
-            # the PIL path equals torchvision's; the device path's interpolate (and nvJPEG) round differently
+            # the PIL path equals torchvision's; the device path's decoder (nvJPEG) may differ slightly
             bad = errs[m][0] > 1e-6 if m == "cpu" else not device_agrees(errs[m], device)
             if bad:
                 log(f"FAIL: decode={m}: evaluation preprocessing differs from torchvision's by max {errs[m][0]}, "

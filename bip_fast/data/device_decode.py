@@ -5,14 +5,13 @@ The worker processes only read each file's bytes (:class:`RawFiles`); the main p
 whole batch with ``torchvision.io.decode_jpeg(..., device=...)`` (nvJPEG on a GPU, libjpeg on the
 CPU) and applies the same geometry as the PIL path of :mod:`bip_fast.data.folder`: the crop box
 and flip come from :func:`train_geometry` / :func:`eval_geometry`, which both paths call. The
-training resize re-implements PIL's ``Image.resize(..., BILINEAR, box=...)``: the same filter
-coefficients (taps outside the box included, rounded to PIL's fixed point), one pass per axis in
-PIL's order, each rounded to uint8 values, as exact float64 matmuls (tested equal to Pillow 13's
-bit for bit). The evaluation resize (whole image, before the centre crop) is a float32 bilinear
-``interpolate`` with antialiasing, rounded to whole pixel values: within one level of PIL's. On
-the CPU (libjpeg) the training batches measured equal to the PIL path's, the evaluation batches
-within one pixel level. A GPU's decoder (nvJPEG) may decode slightly differently from libjpeg:
-not measured.
+resize re-implements PIL's ``Image.resize(..., BILINEAR, box=...)`` (the evaluation resize is the
+same with the whole image as the box): the same filter coefficients (taps outside the box
+included, rounded to PIL's fixed point), one pass per axis in PIL's order, each rounded to uint8
+values, as exact float64 matmuls (tested equal to Pillow 13's bit for bit). On the CPU (libjpeg)
+the training and evaluation batches measured equal to the PIL path's (up to float32 rounding of
+the normalisation, 2.4e-7). A GPU's decoder (nvJPEG) may decode slightly differently from
+libjpeg: not measured.
 
 Robustness: files that are not JPEG (checked by their first two bytes) skip the device decoder;
 if the batched call raises, each image is decoded alone; an image the device decoder refuses
@@ -28,7 +27,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = ["DECODE_MODES", "train_geometry", "eval_geometry", "to_chw", "RawFiles", "collate_raw",
            "DeviceDecoder"]
@@ -114,12 +112,6 @@ def collate_raw(items):
 # --------------------------------------------------------------------------------------------
 # Main-process side: decode + geometry on the device
 # --------------------------------------------------------------------------------------------
-def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The evaluation resize: bilinear with antialiasing, rounded (within one level of PIL's)."""
-    out = F.interpolate(x[None].float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
-    return out.round_().clamp_(0, 255)
-
-
 _PIL_ONE = float(1 << 22)  # PIL's 8-bit resampling keeps its coefficients in 22-bit fixed point
 
 
@@ -244,7 +236,7 @@ class DeviceDecoder:
             x = _pil_resize(img, (left, top, cw, ch), s, s)
             return x.flip(-1) if flip else x
         rw, rh, left, top = eval_geometry(w, h, self.eval_resize, s)
-        x = img.float() if (rw, rh) == (w, h) else _resize(img, rh, rw)
+        x = img.float() if (rw, rh) == (w, h) else _pil_resize(img, (0, 0, w, h), rh, rw)
         return x[:, top:top + s, left:left + s]
 
     def __call__(self, datas, labels, seeds, paths):

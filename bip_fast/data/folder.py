@@ -234,11 +234,9 @@ class FolderLoader(Loader):
     ``decode="cpu"`` (the default) decodes and augments with PIL in the workers, as above.
     ``decode="device"`` has the workers read only the files' bytes and decodes each batch in this
     process with ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG on a GPU, libjpeg on the
-    CPU), then crops, resizes (PIL's bilinear box resize re-implemented for training, a bilinear
-    ``interpolate`` with antialiasing for evaluation), flips and normalises there
+    CPU), then crops, resizes (PIL's bilinear resize re-implemented), flips and normalises there
     (:mod:`bip_fast.data.device_decode`): the same crop boxes, flips, batches and resume as the
-    CPU path; on the CPU device, training pixel values measured equal to it and evaluation ones
-    within one pixel level. Files the device decoder refuses (PNG, or anything ``decode_jpeg``
+    CPU path; on the CPU device, training and evaluation batches measured equal to it. Files the device decoder refuses (PNG, or anything ``decode_jpeg``
     raises on) are decoded with PIL on the host (counted in ``decoder.fallbacks``); files PIL
     refuses too are skipped as above. The device path is tested on the CPU only and has not been
     measured on a GPU yet; "cpu" stays the default until a measurement shows the device path
