@@ -226,23 +226,28 @@ class Trainer:
                                     density=f"{density(self.inner):.4f}")
         finally:
             bar.close()
-        self._guarded_step(seg, None, bilevel)  # the epoch's last read of the non-finite flag
+        self._guarded(seg, self._read_guard)  # the epoch's last read of the non-finite flag
         if self.world > 1:
             dist.all_reduce(sums)
         s = sums.tolist()
         return {"train_loss": s[0] / max(s[2], 1.0), "train_acc": s[1] / max(s[2], 1.0)}
 
     def _guarded_step(self, seg: Segment, batch, bilevel: bool):
-        """One algorithm step (``batch`` None: only read the guard). Non-finite steps apply no
-        update (decided on the device) and are skipped while ``nonfinite_skips`` allows; over that
-        budget the run stops with :class:`DivergedError`."""
+        """One algorithm step. Non-finite steps apply no update (decided on the device) and are
+        skipped while ``nonfinite_skips`` allows; over that budget the run stops with
+        :class:`DivergedError`."""
+        if bilevel:
+            return self._guarded(seg, self.alg.step, self._shard(batch[0]), self._shard(batch[1]))
+        return self._guarded(seg, self.alg.step, self._shard(batch))
+
+    def _read_guard(self) -> None:
+        """Host read of the algorithm's non-finite flag: counts the skipped steps."""
+        self.skipped_steps = self._skips_base + self.alg._check_nonfinite()
+
+    def _guarded(self, seg: Segment, fn, *args):
+        """``fn(*args)``, with the guard's NonFiniteError turned into the run's DivergedError."""
         try:
-            if batch is None:
-                self.skipped_steps = self._skips_base + self.alg._check_nonfinite()
-                return None
-            if bilevel:
-                return self.alg.step(self._shard(batch[0]), self._shard(batch[1]))
-            return self.alg.step(self._shard(batch))
+            return fn(*args)
         except NonFiniteError as e:
             many = f" ({e.count} non-finite steps, {e.limit} allowed)" if e.limit else ""
             raise DivergedError(self._diverged_message(seg, f"step {e.step}: non-finite {e.what}{many}")) from None

@@ -61,7 +61,6 @@ class NonFiniteGuard:
         self._keys: Dict[Tuple[str, ...], int] = {}
         self._dev: Optional[torch.device] = None
         self._step: Optional[int] = None
-        self._per = 1  # values per gradient in the reduction (2 on the CPU: min and max)
 
     def _init(self, device: torch.device) -> None:
         self._dev = device
@@ -86,10 +85,8 @@ class NonFiniteGuard:
             self._names.append(names)
         grads = [g for _, g in named_grads]
         if lv.device.type == "cpu":  # min and max catch NaN and +-inf too, ~10x faster than the CPU inf-norm
-            self._per = 2
             peaks = [t.float() for g in grads for t in torch.aminmax(g)]
         else:  # one multi-tensor kernel
-            self._per = 1
             peaks = [t.float() for t in torch._foreach_norm(grads, float("inf"))] if grads else []
         fin = torch.stack([lv] + peaks).isfinite()
         bad = ~fin.all()
@@ -131,7 +128,8 @@ class NonFiniteGuard:
             if idx <= 0:
                 what = f"loss ({float(self.record_loss)})"
             else:
-                what = f"gradient of {self._names[key][(idx - 1) // self._per]!r} (the loss is finite)"
+                per = 2 if self._dev.type == "cpu" else 1  # values per gradient in observe's reduction
+                what = f"gradient of {self._names[key][(idx - 1) // per]!r} (the loss is finite)"
             self.reset()  # reported: a caller that goes on (e.g. at a lower rate) trains again
             raise NonFiniteError(step, what, n, self.limit)
         return n
