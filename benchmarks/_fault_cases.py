@@ -12,15 +12,52 @@ The signal, concurrency, divergence and filesystem cases run custom sequences (f
 """
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from bip_fast.files import checkpoint as ckpt
 from bip_fast.files.runlock import LOCK_NAME
 
 QUICK = ["--arch", "resnet20", "--data-dir", "{data}", "--subset", "64", "50", "--batch-size", "32",
          "--test-batch-size", "50", "--device", "cpu", "--epochs", "1", "--no-progress"]
+LONG = ["--arch", "resnet20", "--subset", "512", "100", "--batch-size", "32", "--test-batch-size", "100",
+        "--device", "cpu", "--epochs", "3", "--no-progress"]  # the signal cases' runs
+
+
+def lines_of(stderr: str) -> List[str]:
+    return [ln for ln in stderr.splitlines() if ln.strip()]
+
+
+def judge_refusal(r, needle: str, changed=(), code: Optional[int] = 2, fold: bool = True) -> List[str]:
+    """Why ``r`` is not a one-line refusal naming ``needle`` (empty when it is): exit status
+    ``code`` (None: any), one stderr line, no traceback, ``needle`` in it (``fold``: ignoring case
+    and -/_), and no ``changed`` file."""
+    why = []
+    lines = lines_of(r.stderr)
+    if code is not None and r.returncode != code:
+        why.append(f"exit {r.returncode}")
+    if len(lines) != 1:
+        why.append(f"{len(lines)} stderr lines")
+    if "Traceback" in r.stderr:
+        why.append("traceback")
+    norm = (lambda s: s.lower().replace("-", "_")) if fold else (lambda s: s)
+    if needle and not any(norm(needle) in norm(ln) for ln in lines):
+        why.append(f"message does not name {needle!r}")
+    if changed:
+        why.append(f"folder changed: {list(changed)[:6]}")
+    return why
+
+
+def record(name, group, expect, command, r, why, secs, verdict=None) -> dict:
+    """One case's result record (``r``: the CompletedProcess, None when the case did not run)."""
+    lines = lines_of(r.stderr) if r is not None else []
+    return {"name": name, "group": group, "expect": expect, "command": command,
+            "exit": None if r is None else r.returncode, "stderr_lines": len(lines),
+            "message": lines[-1][:400] if lines else "", "seconds": round(secs, 2),
+            "verdict": verdict or ("pass" if not why else "fail"), "why": why}
 
 
 @dataclass
@@ -205,8 +242,6 @@ def data_cases() -> List[Case]:
 
 
 def _masks(path: Path):
-    from bip_fast.files import checkpoint as ckpt
-
     return ckpt.load(path)["masks"]
 
 
@@ -214,8 +249,6 @@ def _exact_k(sparsity: float, structure: str = "global") -> Callable[[Path], Opt
     """masks.pt, counted independently of the run's own report: exactly K kept (global), and for
     filter/channel pruning at least one filter/channel left in every layer."""
     def check(w: Path) -> Optional[str]:
-        import math
-
         masks = _masks(w / "p" / "masks.pt")
         total = sum(m.numel() for m in masks.values())
         kept = sum(int(m.sum()) for m in masks.values())

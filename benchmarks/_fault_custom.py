@@ -12,61 +12,31 @@ from typing import List
 
 import torch
 
-from _fault_cases import QUICK
+from _fault_cases import LONG, QUICK, judge_refusal, record
+from bip_fast.files import checkpoint as ckpt
 from bip_fast.files.runlock import LOCK_NAME as LOCK
 
 
-def _case_dir(rn, name: str) -> Path:
-    import re
-
-    w = rn.work / "cases" / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-    if w.exists():
-        subprocess.run(["umount", "-l", str(w / "fs")], capture_output=True)
-        shutil.rmtree(w)
-    w.mkdir(parents=True)
-    return w
-
-
 def _rec(name, group, command, r, why, secs, verdict=None):
-    from faults import record
-
     return record(name, group, "custom", command, r, why, secs, verdict)
 
 
-def _load(path: Path):
-    from bip_fast.files import checkpoint as ckpt
-
-    return ckpt.load(path)
-
-
 def _same_model(a: Path, b: Path) -> List[str]:
-    x, y = _load(a), _load(b)
+    x, y = ckpt.load(a), ckpt.load(b)
     if x.keys() != y.keys():
         return ["model.pt keys differ from the uninterrupted run"]
     diff = [k for k in x if not torch.equal(x[k], y[k])]
     return [f"model.pt differs from the uninterrupted run in {diff[:3]}"] if diff else []
 
 
-def _one_line(r, code, needle) -> List[str]:
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    why = [] if r.returncode == code else [f"exit {r.returncode}, expected {code}"]
-    if len(lines) != 1:
-        why.append(f"{len(lines)} stderr lines")
-    if "Traceback" in r.stderr:
-        why.append("traceback")
-    if needle and not any(needle in ln for ln in lines):
-        why.append(f"message lacks {needle!r}")
-    return why
-
-
 def diverge(cmd: str):
     def fn(rn, name, group):
-        w = _case_dir(rn, name)
+        w = rn.case_dir(name)
         pre = ["--pretrained", str(rn.base("dense"))] if cmd == "prune" else []
         args = [cmd, *QUICK, *pre, "--lr", "1e6", "--epochs", "2", "--out", "{w}/run"]
         t0 = time.perf_counter()
         r = rn.run(args, w)
-        why = _one_line(r, 2, "diverged")
+        why = judge_refusal(r, "diverged", fold=False)
         if (w / "run" / "model.pt").exists():
             why.append("model.pt written")
         m = w / "run" / "metrics.jsonl"
@@ -77,7 +47,7 @@ def diverge(cmd: str):
             except ValueError as e:
                 why.append(f"metrics.jsonl not strict JSON ({e})")
         if (w / "run" / "checkpoint.pt").exists():
-            st = _load(w / "run" / "checkpoint.pt")["model"]
+            st = ckpt.load(w / "run" / "checkpoint.pt")["model"]
             if not all(torch.isfinite(v).all() for v in st.values() if v.is_floating_point()):
                 why.append("checkpoint.pt holds NaN/inf")
         return _rec(name, group, " ".join(args), r, why, time.perf_counter() - t0)
@@ -101,8 +71,8 @@ def interrupt(sig: int, when: str):
     checkpoint write, caught by polling for its temporary file; up to 3 tries)."""
     def fn(rn, name, group):
         ref = rn.base("long")
-        w = _case_dir(rn, name)
-        args = ["pretrain", *_long(rn), "--out", "{w}/run"]
+        w = rn.case_dir(name)
+        args = ["pretrain", *LONG, "--data-dir", str(rn.data), "--out", "{w}/run"]
         t0 = time.perf_counter()
         target = {"start": "run/config.yaml", "ckpt": "run/checkpoint.pt", "write": "run/.checkpoint.pt.*.tmp"}[when]
         for _ in range(3):
@@ -122,7 +92,7 @@ def interrupt(sig: int, when: str):
         r = subprocess.CompletedProcess(args, p.returncode, "", err)
         why = []
         if sig == signal.SIGINT:
-            why += _one_line(r, 130, "interrupted")
+            why += judge_refusal(r, "interrupted", code=130, fold=False)
         if (w / "run" / "checkpoint.pt").exists():
             again = rn.run(["pretrain", "--out", "{w}/run", "--resume"], w)
         else:  # nothing to resume: the same command again, without --force
@@ -137,14 +107,8 @@ def interrupt(sig: int, when: str):
     return fn
 
 
-def _long(rn) -> List[str]:
-    from faults import LONG
-
-    return [*LONG, "--data-dir", str(rn.data)]
-
-
 def two_at_once(rn, name, group):
-    w = _case_dir(rn, name)
+    w = rn.case_dir(name)
     args = ["prune", *QUICK, "--pretrained", str(rn.base("dense")), "--out", "{w}/run"]
     t0 = time.perf_counter()
     procs = [rn.start(args, w) for _ in range(2)]
@@ -158,14 +122,14 @@ def two_at_once(rn, name, group):
     if not res.is_file() or not (w / "run" / "model.pt").is_file():
         why.append("the winner's results are incomplete")
     else:
-        _load(w / "run" / "model.pt")
+        ckpt.load(w / "run" / "model.pt")
     r = subprocess.CompletedProcess(args, codes[-1], "", loser[0] if loser else "")
     return _rec(name, group, " ".join(args) + "  (twice, at once)", r, why, time.perf_counter() - t0)
 
 
 def filesystem(kind: str):
     def fn(rn, name, group):
-        w = _case_dir(rn, name)
+        w = rn.case_dir(name)
         fs = w / "fs"
         fs.mkdir()
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(fs)],
@@ -184,7 +148,7 @@ def filesystem(kind: str):
             before = sorted(str(p) for p in fs.rglob("*"))
             r = rn.run(args, w)
             why = [] if r.returncode in (1, 2) else [f"exit {r.returncode}"]
-            why += [x for x in _one_line(r, r.returncode, needle)]
+            why += judge_refusal(r, needle, code=None, fold=False)
             if sorted(str(p) for p in fs.rglob("*")) != before:
                 why.append("files added or removed")
             return _rec(name, group, " ".join(args), r, why, time.perf_counter() - t0)

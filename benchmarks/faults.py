@@ -34,11 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _fault_cases import QUICK, Case, all_cases  # noqa: E402
+from _fault_cases import LONG, QUICK, Case, all_cases, judge_refusal, record  # noqa: E402,F401
 from _fault_custom import CUSTOM  # noqa: E402
-
-LONG = ["--arch", "resnet20", "--subset", "512", "100", "--batch-size", "32", "--test-batch-size", "100",
-        "--device", "cpu", "--epochs", "3", "--no-progress"]
 
 
 class Runner:
@@ -58,6 +55,16 @@ class Runner:
     def start(self, args: List[str], w: Path) -> subprocess.Popen:
         return subprocess.Popen(self.argv(args, w), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=self.env, cwd=ROOT)
+
+    def case_dir(self, name: str) -> Path:
+        """The case's own empty folder (a tmpfs a previous try left mounted there is released)."""
+        w = self.work / "cases" / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+        if os.path.ismount(w / "fs"):
+            subprocess.run(["umount", "-l", str(w / "fs")], capture_output=True)
+        if w.exists():
+            shutil.rmtree(w)
+        w.mkdir(parents=True)
+        return w
 
     def base(self, name: str) -> Path:
         """A finished run made once and copied into each case that needs it."""
@@ -113,32 +120,8 @@ def changes(before: Dict[str, str], after: Dict[str, str]) -> List[str]:
                   + [f"~{k}" for k in before.keys() & after.keys() if before[k] != after[k]])
 
 
-def lines_of(stderr: str) -> List[str]:
-    return [ln for ln in stderr.splitlines() if ln.strip()]
-
-
-def judge_refusal(r, needle: str, changed: List[str]) -> List[str]:
-    why = []
-    lines = lines_of(r.stderr)
-    if r.returncode != 2:
-        why.append(f"exit {r.returncode}")
-    if len(lines) != 1:
-        why.append(f"{len(lines)} stderr lines")
-    if "Traceback" in r.stderr:
-        why.append("traceback")
-    norm = lambda s: s.lower().replace("-", "_")  # noqa: E731
-    if needle and not any(norm(needle) in norm(ln) for ln in lines):
-        why.append(f"message does not name {needle!r}")
-    if changed:
-        why.append(f"folder changed: {changed[:6]}")
-    return why
-
-
 def run_case(rn: Runner, case: Case) -> dict:
-    w = rn.work / "cases" / re.sub(r"[^A-Za-z0-9]+", "_", case.name).strip("_")
-    if w.exists():
-        shutil.rmtree(w)
-    w.mkdir(parents=True)
+    w = rn.case_dir(case.name)
     for n in case.needs:
         shutil.copytree(rn.base(n), w / n)
     if case.prep is not None:
@@ -159,14 +142,6 @@ def run_case(rn: Runner, case: Case) -> dict:
             if problem:
                 why.append(problem)
     return record(case.name, case.group, case.expect, " ".join(case.argv), r, why, secs)
-
-
-def record(name, group, expect, command, r, why, secs, verdict=None) -> dict:
-    lines = lines_of(r.stderr) if r is not None else []
-    return {"name": name, "group": group, "expect": expect, "command": command,
-            "exit": None if r is None else r.returncode, "stderr_lines": len(lines),
-            "message": lines[-1][:400] if lines else "", "seconds": round(secs, 2),
-            "verdict": verdict or ("pass" if not why else "fail"), "why": why}
 
 
 def summarise(results: Dict[str, dict]) -> dict:
