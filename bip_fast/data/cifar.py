@@ -16,6 +16,7 @@ import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -141,20 +142,24 @@ def _download(name: str, root: Path) -> None:
         socket.setdefaulttimeout(old)
 
 
-def _expected_digests(name: str, folder: Path) -> dict:
-    """File name -> (algorithm, hex digest, source) the batches must match, since a flipped byte
-    inside the pixels unpickles fine: a SHA256SUMS / MD5SUMS manifest in the batches folder or the
-    folder above it (paths relative to that folder), else -- for files in the original
-    distribution's format, see :func:`_read_batch` -- the published MD5s from torchvision's
-    dataset tables (none without torchvision: then only each file's structure is checked)."""
-    out = {}
+def _published_md5(name: str, file: str):
+    """The published MD5 of ``file`` of CIFAR ``name`` from torchvision's dataset tables (None
+    without torchvision or for another file name). torchvision is imported only when asked, as
+    its import costs seconds."""
     try:
         from torchvision.datasets import CIFAR10, CIFAR100
-
-        cls = CIFAR10 if name == "cifar10" else CIFAR100
-        out = {f: ("md5", md5, "the published file", True) for f, md5 in list(cls.train_list) + list(cls.test_list)}
     except ImportError:
-        pass
+        return None
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    return dict(list(cls.train_list) + list(cls.test_list)).get(file)
+
+
+def _manifest_digests(folder: Path) -> dict:
+    """File name -> (algorithm, hex digest, source) the batches must match, since a flipped byte
+    inside the pixels unpickles fine: a SHA256SUMS / MD5SUMS manifest in the batches folder or the
+    folder above it (paths relative to that folder). Files it does not list that are in the
+    original distribution's format are held to the published MD5s instead (:func:`_read_batch`)."""
+    out = {}
     for where in (folder.parent, folder):
         for manifest, algo in (("MD5SUMS", "md5"), ("SHA256SUMS", "sha256")):
             path = where / manifest
@@ -163,15 +168,16 @@ def _expected_digests(name: str, folder: Path) -> dict:
             for line in path.read_text(errors="replace").splitlines():
                 parts = line.split()
                 if len(parts) == 2 and (where / parts[1].lstrip("*")).parent == folder:
-                    out[Path(parts[1]).name] = (algo, parts[0].lower(), f"'{path}'", False)
+                    out[Path(parts[1]).name] = (algo, parts[0].lower(), f"'{path}'")
     return out
 
 
-def _read_batch(path: Path, label_key: str, num_classes: int, digest=None) -> tuple[np.ndarray, np.ndarray]:
+def _read_batch(path: Path, label_key: str, num_classes: int, digest=None,
+                published: Callable[[], Optional[str]] = lambda: None) -> tuple[np.ndarray, np.ndarray]:
     """Read one pickle batch -> (uint8 [n, 3072], int64 [n]); ValueError naming the file.
 
-    ``digest`` (algorithm, hex, source, published_only): the checksum the file must have; a
-    published-only digest applies to files in the original format (with 'filenames')."""
+    ``digest`` (algorithm, hex, source): the checksum the file must have; without one, a file in
+    the original format (with 'filenames') must have the MD5 ``published()`` returns, if any."""
     try:
         raw = path.read_bytes()
         entry = pickle.loads(raw, encoding="latin1")
@@ -192,8 +198,11 @@ def _read_batch(path: Path, label_key: str, num_classes: int, digest=None) -> tu
     if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
         raise ValueError(f"CIFAR file '{path}' is corrupt: expected {data.shape[0]} labels, "
                          f"got shape {tuple(labels.shape)}")
-    if digest is not None and (not digest[3] or "filenames" in entry):
-        algo, want, source = digest[:3]
+    if digest is None and "filenames" in entry:
+        md5 = published()
+        digest = None if md5 is None else ("md5", md5, "the published file")
+    if digest is not None:
+        algo, want, source = digest
         if hashlib.new(algo, raw).hexdigest() != want:
             raise ValueError(f"CIFAR file '{path}' is corrupt: its {algo.upper()} differs from the one of "
                              f"{source}; replace it with a fresh copy")
@@ -284,9 +293,10 @@ def load_dataset(name: str = "cifar10", data_dir=None, device="cpu", subset=None
                 f"the folder holding '{base}'.")
 
     parts = {}
-    digests = _expected_digests(key, folder)
+    digests = _manifest_digests(folder)
     for split, split_files in (("train", train_files), ("test", test_files)):
-        batches = [_read_batch(folder / f, label_key, num_classes, digests.get(f)) for f in split_files]
+        batches = [_read_batch(folder / f, label_key, num_classes, digests.get(f), lambda f=f: _published_md5(key, f))
+                   for f in split_files]
         parts[split] = (np.concatenate([b[0] for b in batches]),
                         np.concatenate([b[1] for b in batches]))
 
