@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..masks import STRUCTURES
+from ._tree import tensor_leaves
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -54,6 +55,38 @@ def _check_batch(batch, name: str) -> Batch:
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"{name}: expected a pair of tensors, got ({type(x).__name__}, {type(y).__name__})")
     return x, y
+
+
+def _check_any_batch(batch, name: str):
+    """With ``compute_loss``: any structure (tensor, dict, list, tuple, nested) holding a tensor."""
+    if next(tensor_leaves(batch), None) is None:
+        raise TypeError(f"{name}: expected a tensor or a dict / list / tuple holding tensors (any nesting), "
+                        f"got {type(batch).__name__} without a tensor")
+    return batch
+
+
+def _check_loss_args(loss_fn, compute_loss) -> None:
+    """``loss_fn(logits, targets)`` for (inputs, targets) batches, or ``compute_loss(model, batch)``."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable (logits, targets) -> loss, got {type(loss_fn).__name__}")
+    if compute_loss is not None and not callable(compute_loss):
+        raise TypeError(f"compute_loss: expected a callable (model, batch) -> loss, got {type(compute_loss).__name__}")
+    if loss_fn is not None and compute_loss is not None:
+        raise ValueError("loss_fn, compute_loss: give one of them; compute_loss(model, batch) computes the whole "
+                         "loss, loss_fn(model(x), y) only applies to (inputs, targets) batches")
+
+
+def _check_loss_value(loss, name: str = "compute_loss") -> torch.Tensor:
+    """The value ``compute_loss`` returned: a one-element floating tensor that depends on the model."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{name}: expected a scalar loss tensor, got {type(loss).__name__}")
+    if loss.numel() != 1 or not loss.is_floating_point():
+        raise ValueError(f"{name}: expected a scalar floating-point loss, got a {loss.dtype} tensor of shape "
+                         f"{tuple(loss.shape)}")
+    if not loss.requires_grad:
+        raise ValueError(f"{name}: the loss does not depend on the model's parameters (requires_grad is False); "
+                         f"compute it from model(...) called inside compute_loss, outside torch.no_grad()")
+    return loss
 
 
 def _check_structure(structure: str, sparsity: float, n: int, m: int) -> None:

@@ -9,6 +9,15 @@ cosine schedule, so the whole training state is a handful of tensors and integer
 
 ``step(batch, batch2=None)`` returns ``{"loss", "correct", "count"}`` as 0-dim tensors taken from
 the training forward pass itself (no ``.item()``, no extra forward for logging).
+
+Batches and losses: by default a batch is an ``(inputs, targets)`` pair of tensors, the loss is
+``loss_fn(model(inputs), targets)`` (cross-entropy unless given) and ``correct`` counts the argmax
+hits where the output is ``(B, C)`` logits and the targets ``(B,)`` labels. With
+``compute_loss=f`` every training pass calls ``loss = f(model, batch)`` instead: the batch is any
+structure of tensors (a dict, a tuple of several inputs, nested) handed to ``f`` as it is, the
+model may return anything, and ``f`` returns the scalar loss. ``step`` then returns ``{"loss"}``
+only (plus ``"upper_loss"`` for two-pass BiP): no accuracy, since only ``f`` knows what a
+prediction is.
 Gradients are cleared with ``p.grad = None`` and produced by ``loss.backward()`` (so DDP's
 all-reduce works); each optimiser then steps only its own parameters.
 
@@ -38,7 +47,8 @@ from .. import ops
 from ..masks import apply_masks, keep_count, project
 from ..nn import masked_modules, sparsify
 from ._guard import NonFiniteError, NonFiniteGuard
-from ._validate import Batch, _check_batch, _check_number, _check_total_steps, check_sparsity
+from ._validate import (Batch, _check_any_batch, _check_batch, _check_loss_args, _check_loss_value, _check_number,
+                        _check_total_steps, check_sparsity)
 
 __all__ = ["Algorithm", "SGDGroup", "cosine_factor", "check_sparsity", "NonFiniteError"]
 
@@ -140,8 +150,10 @@ class Algorithm:
     Hydra finetune phase); ``global_step`` counts every step.
     ``model`` is sparsified in place (:func:`bip_fast.nn.sparsify` with ``include``/``exclude``)
     unless it already holds masked modules; :attr:`model` is the (possibly replaced) model. The
-    training passes call ``self.model(x)``; a caller may replace ``model`` by a proxy that routes
-    calls through DDP / torch.compile and everything else to the plain model.
+    training passes call ``self.model(x)`` (or ``compute_loss(self.model, batch)``); a caller may
+    replace ``model`` by a proxy that routes calls through DDP / torch.compile and everything
+    else to the plain model. ``loss_fn`` and ``compute_loss``: see the module docstring (one of
+    them at most).
     """
 
     name = "base"
@@ -149,13 +161,14 @@ class Algorithm:
 
     def __init__(self, model: nn.Module, *, total_steps: Optional[int] = None,
                  loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                 compute_loss: Optional[Callable[[nn.Module, object], torch.Tensor]] = None,
                  include=None, exclude=None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn: expected a callable (logits, targets) -> loss, got {type(loss_fn).__name__}")
+        _check_loss_args(loss_fn, compute_loss)
         self.total_steps = _check_total_steps(total_steps)
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.compute_loss = compute_loss
         if self.uses_masks and not masked_modules(model):
             model = sparsify(model, include=include, exclude=exclude)
         self.model = model
@@ -200,15 +213,22 @@ class Algorithm:
         for p in self.model.parameters():
             p.grad = None
 
+    def _check_batch(self, batch, name: str):
+        """An (inputs, targets) pair of tensors, or with ``compute_loss`` any structure of tensors."""
+        return _check_batch(batch, name) if self.compute_loss is None else _check_any_batch(batch, name)
+
     def _forward_backward(self, batch: Batch) -> Dict[str, torch.Tensor]:
         """One training forward + backward; metrics come from this very forward."""
-        x, y = batch
         if not self.model.training:
             self.model.train()
         self._zero_grad()
         snap = self._snapshot_buffers() if self.nonfinite_guard else None
-        out = self.model(x)
-        loss = self.loss_fn(out, y)
+        if self.compute_loss is None:
+            x, y = batch
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+        else:
+            loss = _check_loss_value(self.compute_loss(self.model, batch))
         loss.backward()
         if snap is not None:
             named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
@@ -220,6 +240,8 @@ class Algorithm:
             skipped = torch.zeros((), dtype=torch.bool, device=loss.device)
         if not getattr(self, "_grad_paths_checked", False):
             self._check_grad_paths()
+        if self.compute_loss is not None:  # only compute_loss knows what a prediction is: no accuracy
+            return {"loss": loss.detach().reshape(()), "skipped": skipped}
         with torch.no_grad():
             if out.dim() == 2 and y.dim() == 1:
                 correct = (out.argmax(dim=1) == y).sum()
@@ -288,7 +310,7 @@ class Algorithm:
 
     def _sgd_step(self, group: str, batch) -> Dict[str, torch.Tensor]:
         """Plain training step: forward/backward on ``batch``, one SGD update of ``group``."""
-        batch = _check_batch(batch, "batch")
+        batch = self._check_batch(batch, "batch")
         out = self._forward_backward(batch)
         g = self.param_groups[group]
         g.step(g.lr * self.lr_factor(), skip=self._skip)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .base import Algorithm, SGDGroup, _project_into
-from ._validate import Batch, _check_batch, _check_choice, _check_number, _check_structure, check_sparsity
+from ._validate import Batch, _check_choice, _check_number, _check_structure, check_sparsity
 
 __all__ = ["BiP", "init_scores", "scaled_score_lr", "PAPER_HPARAMS", "PAPER_SCORE_STEPS"]
 
@@ -35,6 +35,13 @@ def scaled_score_lr(total_steps: Optional[int], base: float = 0.1, paper_steps: 
     if total_steps is None:
         return float(base)
     return float(base) * paper_steps / int(total_steps)
+
+
+def _add_upper(out: Dict[str, torch.Tensor], up: Dict[str, torch.Tensor]) -> None:
+    """The upper pass's loss (and accuracy count, where the pass has one) beside the lower's."""
+    out["upper_loss"] = up["loss"]
+    if "correct" in up:
+        out["upper_correct"] = up["correct"]
 
 
 SCHEDULES = ("alternating", "fused")
@@ -69,6 +76,8 @@ class BiP(Algorithm):
     ``step(lower_batch, upper_batch)``: the lower batch B_β drives the weight (θ) step, the upper
     batch B_α the score (mask) step; with ``upper_batch=None`` the lower batch serves both.
     Returns the lower pass's ``loss/correct/count`` (plus ``upper_loss`` for two-pass schedules).
+    With ``compute_loss=f`` both passes compute ``f(model, batch)`` on batches of any structure
+    (see :mod:`bip_fast.pruning.base`) and the metrics are the losses only.
 
     Variants and schedules:
 
@@ -141,6 +150,7 @@ class BiP(Algorithm):
         n: int = 2,
         m: int = 4,
         loss_fn=None,
+        compute_loss=None,
         include=None,
         exclude=None,
     ) -> None:
@@ -156,7 +166,8 @@ class BiP(Algorithm):
         _check_choice(score_init, "score_init", SCORE_INITS)
         self.gamma = _check_number(gamma, "gamma", low=0.0, low_inclusive=False)
         self.lr2 = _check_number(lr2, "lr2", low=0.0)
-        super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, include=include, exclude=exclude)
+        super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, compute_loss=compute_loss,
+                         include=include, exclude=exclude)
         if score_lr is None:
             score_lr = scaled_score_lr(self.total_steps)
         self.score_lr = _check_number(score_lr, "score_lr", low=0.0)
@@ -208,8 +219,8 @@ class BiP(Algorithm):
 
     def step(self, batch: Batch, batch2: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
         """One BiP iteration (see the class docstring); returns the lower pass's metrics."""
-        lower = _check_batch(batch, "batch")
-        upper = lower if batch2 is None else _check_batch(batch2, "batch2")
+        lower = self._check_batch(batch, "batch")
+        upper = lower if batch2 is None else self._check_batch(batch2, "batch2")
         f = self.lr_factor()
         if self.variant == "official":
             out = self._step_official(lower, upper, f)
@@ -228,8 +239,7 @@ class BiP(Algorithm):
             hist = self.param_groups["scores"].step(self.param_groups["scores"].lr * f, want_hist=self._hist,
                                                     skip=self._skip)
             self._project(self._scores(), hist)
-            out["upper_loss"] = up["loss"]
-            out["upper_correct"] = up["correct"]
+            _add_upper(out, up)
         self._zero_grad()
         self.step_count += 1
         self.global_step += 1
@@ -290,8 +300,7 @@ class BiP(Algorithm):
         hist = g["opt2_scores"].step(g["opt2_scores"].lr * f, gs, want_hist=self._hist, skip=sk)
         g["opt2_norms"].step(g["opt2_norms"].lr * f, gn, skip=sk)
         self._project(w, hist)
-        out["upper_loss"] = up["loss"]
-        out["upper_correct"] = up["correct"]
+        _add_upper(out, up)
         return out
 
     def _extra_state(self) -> Dict[str, object]:

@@ -34,8 +34,9 @@ class Dense(Algorithm):
         weight_decay: float = 5e-4,
         total_steps: Optional[int] = None,
         loss_fn=None,
+        compute_loss=None,
     ) -> None:
-        super().__init__(model, total_steps=total_steps, loss_fn=loss_fn)
+        super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, compute_loss=compute_loss)
         self._freeze_scores()
         params = self._lower_params()
         if not params:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import Algorithm, SGDGroup, _project_into
-from ._validate import Batch, _check_batch, _check_structure, _check_total_steps, check_sparsity
+from ._validate import Batch, _check_structure, _check_total_steps, check_sparsity
 from .bip import _NORM_TYPES, init_scores
 
 __all__ = ["Hydra"]
@@ -53,6 +53,7 @@ class Hydra(Algorithm):
         n: int = 2,
         m: int = 4,
         loss_fn=None,
+        compute_loss=None,
         include=None,
         exclude=None,
     ) -> None:
@@ -62,7 +63,8 @@ class Hydra(Algorithm):
             raise TypeError(f"train_bn: expected a bool, got {type(train_bn).__name__}")
         self.structure, self.n, self.m = structure, n, m
         self.finetune_steps = _check_total_steps(finetune_steps)
-        super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, include=include, exclude=exclude)
+        super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, compute_loss=compute_loss,
+                         include=include, exclude=exclude)
         if self.finetune_steps is None:
             self.finetune_steps = self.total_steps
         self.phase = "prune"
@@ -86,7 +88,7 @@ class Hydra(Algorithm):
         """Prune phase: score step + projection. Finetune phase: weight step under the fixed mask."""
         if self.phase == "finetune":
             return self._sgd_step("weights", batch)
-        batch = _check_batch(batch, "batch")
+        batch = self._check_batch(batch, "batch")
         out = self._forward_backward(batch)
         g = self.param_groups["scores"]
         g.step(g.lr * self.lr_factor(), skip=self._skip)

@@ -48,6 +48,7 @@ class IMP(Algorithm):
         weight_decay: float = 5e-4,
         total_steps: Optional[int] = None,
         loss_fn=None,
+        compute_loss=None,
         include=None,
         exclude=None,
     ) -> None:
@@ -57,7 +58,8 @@ class IMP(Algorithm):
         if rewind_step < 0:
             raise ValueError(f"rewind_step: expected a non-negative int, got {rewind_step}")
         self.rewind_step = rewind_step
-        super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, include=include, exclude=exclude)
+        super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, compute_loss=compute_loss,
+                         include=include, exclude=exclude)
         self._freeze_scores()
         self.round = 0
         self.param_groups = {"weights": SGDGroup("weights", self._lower_params(), lr, momentum, weight_decay)}

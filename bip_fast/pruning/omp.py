@@ -38,13 +38,15 @@ class OMP(Algorithm):
         n: int = 2,
         m: int = 4,
         loss_fn=None,
+        compute_loss=None,
         include=None,
         exclude=None,
     ) -> None:
         self.sparsity_target = check_sparsity(sparsity)
         _check_structure(structure, self.sparsity_target, n, m)
         self.structure = structure
-        super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, include=include, exclude=exclude)
+        super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, compute_loss=compute_loss,
+                         include=include, exclude=exclude)
         self._freeze_scores()
         self.param_groups = {"weights": SGDGroup("weights", self._lower_params(), lr, momentum, weight_decay)}
         _project_into(self, self._weights(), 1.0 - self.sparsity_target, structure, n, m)

@@ -22,19 +22,21 @@
 from __future__ import annotations
 
 import copy
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from ..masks import keep_count
 from ..nn import finalize, masked_modules
-from ._validate import Batch, _check_batch, _check_choice, check_sparsity
+from ._validate import (Batch, _check_any_batch, _check_batch, _check_choice, _check_loss_args, _check_loss_value,
+                        check_sparsity)
 from .omp import OMP
 
 __all__ = ["SELECT_STRUCTURES", "keep_largest", "select_masks", "plain_copy", "check_batches", "accumulate_grads",
-           "MaskedSGD", "OneShotPruner"]
+           "batch_loss", "MaskedSGD", "OneShotPruner"]
 
 SELECT_STRUCTURES = ("global", "layer")
 
@@ -98,34 +100,48 @@ def select_masks(scores: Sequence[torch.Tensor], current: Sequence[torch.Tensor]
 def plain_copy(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Tuple[nn.Module, List[nn.Parameter]]:
     """(copy, weights): a deep copy of ``model`` whose masked modules are plain layers with weight
     m⊙θ, and those weights in masked-module registration order (the tie-break order)."""
-    names = [n for n, _ in masked_modules(model)]
-    if not names:
+    named = masked_modules(model)
+    if not named:
         raise ValueError("model: has no masked modules (sparsify it first)")
     net = finalize(copy.deepcopy(model))
     if dtype is not None:
         net = net.to(dtype)
-    weights = [net.get_submodule(n).weight for n in names]
+    # the plain layer keeps the masked weight's name (attention: in_proj_weight)
+    weights = [getattr(net.get_submodule(n), m._weight_key) for n, m in named]
     for w in weights:
         w.requires_grad_(True)
     return net, weights
 
 
-def check_batches(batches, name: str = "batches") -> List[Batch]:
-    """A non-empty list of (inputs, targets) tensor pairs from any iterable of them."""
+def check_batches(batches, name: str = "batches", any_structure: bool = False) -> List[Batch]:
+    """A non-empty list of (inputs, targets) tensor pairs from any iterable of them (with
+    ``any_structure``, of batches in any structure of tensors, for ``compute_loss``)."""
+    what = "batches" if any_structure else "(inputs, targets) batches"
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
-        raise TypeError(f"{name}: expected an iterable of (inputs, targets) batches, got {type(batches).__name__}")
-    out = [_check_batch(b, f"{name}[{i}]") for i, b in enumerate(batches)]
+        raise TypeError(f"{name}: expected an iterable of {what}, got {type(batches).__name__}")
+    check = _check_any_batch if any_structure else _check_batch
+    out = [check(b, f"{name}[{i}]") for i, b in enumerate(batches)]
     if not out:
-        raise ValueError(f"{name}: expected at least one (inputs, targets) batch, got none")
+        raise ValueError(f"{name}: expected at least one of the {what}, got none")
     return out
 
 
-def accumulate_grads(net: nn.Module, weights: List[nn.Parameter], batches: Sequence[Batch], loss_fn,
-                     scale: float = 1.0) -> List[torch.Tensor]:
-    """Σ_b ∂ loss_fn(net(x_b)·scale, y_b) / ∂weights, one backward per batch."""
+def batch_loss(loss_fn=None, compute_loss=None) -> Callable:
+    """The loss of one score batch as ``f(net, batch)``: ``compute_loss(net, batch)``, else
+    ``loss_fn(net(x), y)`` (cross-entropy by default)."""
+    _check_loss_args(loss_fn, compute_loss)
+    if compute_loss is not None:
+        return lambda net, batch: _check_loss_value(compute_loss(net, batch))
+    loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+    return lambda net, batch: loss_fn(net(batch[0]), batch[1])
+
+
+def accumulate_grads(net: nn.Module, weights: List[nn.Parameter], batches: Sequence[Batch],
+                     loss: Callable) -> List[torch.Tensor]:
+    """Σ_b ∂ loss(net, batch_b) / ∂weights, one backward per batch (``loss``: see :func:`batch_loss`)."""
     total = [torch.zeros_like(w) for w in weights]
-    for x, y in batches:
-        gs = torch.autograd.grad(loss_fn(net(x) * scale, y), weights)
+    for b in batches:
+        gs = torch.autograd.grad(loss(net, b), weights)
         for t, g in zip(total, gs):
             t.add_(g)
     return total
@@ -174,13 +190,17 @@ class OneShotPruner(MaskedSGD):
         """Keep the largest ``scores`` (signed) among the current weights, at ``density``."""
         self._set_masks(select_masks(scores, self.masks(), density, self.structure))
 
-    def prepare(self, batches) -> None:
+    def prepare(self, batches=None) -> None:
         """Compute the scores from ``batches`` (an iterable of (inputs, targets) tensor pairs on the
-        model's device) and make the one cut. Call once, before the first :meth:`step`."""
+        model's device; with ``compute_loss``, of batches as :meth:`step` takes them) and make the
+        one cut. Call once, before the first :meth:`step`."""
         if self.prepared:
             raise RuntimeError(f"prepare: {self.name} has already pruned the model")
-        self._cut(check_batches(batches))
+        self._cut(self._score_batches(batches))
         self.prepared = True
+
+    def _score_batches(self, batches) -> List:
+        return check_batches(batches, any_structure=self.compute_loss is not None)
 
     def step(self, batch: Batch, batch2: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
         """One SGD step on ``batch`` under the fixed mask (``batch2`` is ignored)."""
