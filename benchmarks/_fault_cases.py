@@ -224,6 +224,10 @@ def file_cases() -> List[Case]:
                                                    "{w}/dense", "--out", "{w}/p"], needle="arch", needs=("dense",)),
         Case("prune good", "files", ["prune", *QUICK, "--pretrained", "{w}/dense", "--out", "{w}/p"],
              expect="ok", needs=("dense",), check=_exists("p/model.pt", "p/masks.pt")),
+        # a 1-epoch pretrain never reaches the rewind epoch (3), so it keeps no rewind.pt
+        Case("prune imp from a model without rewind weights", "files",
+             ["prune", *QUICK, "--method", "imp", "--sparsity", "0.2", "--pretrained", "{w}/dense", "--out", "{w}/p"],
+             needle="rewind.pt", needs=("dense",)),
     ]
 
 

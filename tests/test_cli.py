@@ -182,3 +182,16 @@ def test_shipped_configs_validate(name):
         want = (100, 0.01, 0.1, 1.0) if "paper" in name else (100, 0.1, None, 1.0)
         want = {"tiny-imagenet": (100, 0.1, 0.1, 1.0), "imagenet": (100, 0.01, 0.1, 1.0)}.get(dataset, want)
         assert (cfg.train.epochs, cfg.train.lr, cfg.prune.score_lr, cfg.prune.gamma) == want
+
+
+@needs_data
+def test_imp_from_a_model_without_rewind_weights_is_refused(dense_run, tmp_path):
+    """A 1-epoch pretrain keeps no rewind weights (the rewind point, epoch 3, is never reached), so
+    IMP from it is refused with what to do, instead of silently rewinding to the converged model."""
+    assert not (dense_run / "rewind.pt").exists()
+    r = cli("prune", *QUICK, "--method", "imp", "--sparsity", "0.2", "--pretrained", dense_run,
+            "--out", tmp_path / "imp", check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "rewind.pt" in lines[0] and "--rewind-to-pretrained" in lines[0]
+    assert not (tmp_path / "imp" / "config.yaml").exists()

@@ -232,6 +232,8 @@ class RunConfig:
             flat["score_weight_decay"] = 5e-4 if method == "hydra" else 0.0
         if flat["score_lr"] is None and method == "hydra":
             flat["score_lr"] = 0.1  # Hydra's; BiP resolves None from its step count (scaled_score_lr)
+        if flat["rewind_epoch"] is None:
+            flat["rewind_epoch"] = _default_rewind_epoch(self.command, method, flat)
         cfg = RunConfig.from_flat(flat)
         cfg.validate()
         return cfg
@@ -269,8 +271,18 @@ class RunConfig:
         if not (p.gamma > 0):
             raise ValueError(f"gamma: expected a positive value, got {p.gamma!r}")
         for name, v in (("rewind_epoch", p.rewind_epoch), ("hydra_score_epochs", p.hydra_score_epochs)):
-            if v < 0:
+            if v is not None and v < 0:
                 raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
+        imp_pre = c == "prune" and p.method == "imp" and bool(m.pretrained)
+        if p.rewind_to_pretrained and not imp_pre:
+            raise ValueError("rewind_to_pretrained: only prune --method imp --pretrained rewinds to the pretrained "
+                             "weights")
+        if p.rewind_to_pretrained and p.rewind_epoch is not None:
+            raise ValueError(f"rewind_epoch: --rewind-to-pretrained rewinds to the pretrained weights, not to an "
+                             f"epoch; drop one of them, got --rewind-epoch {p.rewind_epoch}")
+        if c == "pretrain" and p.rewind_epoch is not None and t.epochs is not None and p.rewind_epoch >= t.epochs:
+            raise ValueError(f"rewind_epoch: pretrain keeps the weights of the start of that epoch for IMP, so it "
+                             f"must be < epochs ({t.epochs}), got {p.rewind_epoch}")
         if p.pretrain_epochs is not None and p.pretrain_epochs < 1:
             raise ValueError(f"pretrain_epochs: expected an integer >= 1, got {p.pretrain_epochs!r}")
         if not (isinstance(p.nm_n, int) and isinstance(p.nm_m, int) and 0 < p.nm_n <= p.nm_m):
@@ -316,6 +328,20 @@ class RunConfig:
             raise ValueError(f"sparsity: prune needs a sparsity in (0, 1), got {p.sparsity!r}")
         if c in ("finetune", "eval", "export") and not self.checkpoint:
             raise ValueError(f"checkpoint: {c} needs --checkpoint PATH (a run folder, checkpoint.pt or model.pt)")
+
+
+DEFAULT_REWIND_EPOCH = 3  # "an early epoch" of the dense run (SPEC §5); our choice
+
+
+def _default_rewind_epoch(command: str, method: str, flat: Dict[str, Any]) -> Optional[int]:
+    """rewind_epoch left unset: 3, except where the run decides it (IMP from --pretrained: the
+    pretrained run's rewind.pt; --rewind-to-pretrained: none) or cannot reach it (a pretrain run
+    of at most 3 epochs keeps no rewind weights). None is a fixed point, so resolving twice is safe."""
+    if command == "prune" and method == "imp" and flat.get("pretrained"):
+        return None
+    if command == "pretrain" and flat.get("epochs") is not None and flat["epochs"] <= DEFAULT_REWIND_EPOCH:
+        return None
+    return DEFAULT_REWIND_EPOCH
 
 
 # --------------------------------------------------------------------------------------------

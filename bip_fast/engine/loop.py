@@ -3,7 +3,8 @@
 A run (``pretrain``, ``prune`` or ``finetune``) is planned as a list of *segments*, each a number
 of epochs of one algorithm (``bip_fast.pruning``):
 
-- ``pretrain``: ``dense`` (Dense, plain model) -> ``model.pt`` is the plain state dict.
+- ``pretrain``: ``dense`` (Dense, plain model) -> ``model.pt`` is the plain state dict; the state
+  at the start of epoch ``--rewind-epoch`` (default 3) is kept in ``rewind.pt`` for IMP.
 - ``prune --method bip|omp|snip|grasp|synflow|gmp``: the method's segment (:mod:`.baselines`; the plan is :mod:`.plan`),
   starting from ``--pretrained`` (a model.pt, checkpoint.pt or run folder). Without
   ``--pretrained`` a dense segment of ``--pretrain-epochs`` (default: the dense schedule, 160
@@ -12,7 +13,9 @@ of epochs of one algorithm (``bip_fast.pruning``):
   ``hydra_finetune`` (``Hydra.finetune()``, ``--epochs`` of weight training under the mask).
 - ``prune --method imp``: without ``--pretrained``, round 0 is dense training inside IMP and the
   rewind point is the start of epoch ``--rewind-epoch`` (lottery tickets with rewinding); with
-  ``--pretrained`` there is no round 0 and every round rewinds to the pretrained weights. Then
+  ``--pretrained RUN`` there is no round 0: round 1 prunes by the converged weights' magnitudes and
+  every round rewinds to the early weights RUN's ``pretrain`` kept in ``rewind.pt`` (refused
+  without one, unless ``--rewind-to-pretrained`` asks to rewind to the pretrained weights). Then
   rounds 1..R (``IMP.next_round()``: prune 20% of the remaining weights, rewind, full retraining
   schedule) with R = IMP.rounds_for(1 - sparsity): the first round whose density is at most the
   target (0.8^R <= 1 - sparsity). Each round ends with ``round_RR.pt`` (model, masks, accuracy).
@@ -66,8 +69,8 @@ from .checks import check_nm_layers, check_same_run
 from .evaluation import density, evaluate
 from .hparams import RunConfig
 from .plan import Segment, plan_segments
-from .rundir import (CHECKPOINT, METRICS, RUN_FORMAT, check_out_dir, cpu_state, load_state_into,
-                     read_model_file, resolve_model_path, strict_json)
+from .rundir import (CHECKPOINT, METRICS, REWIND, REWIND_FORMAT, RUN_FORMAT, check_out_dir, cpu_state,
+                     load_state_into, read_model_file, read_rewind_file, resolve_model_path, strict_json)
 from .setup import build_algorithm, dist_info, make_loaders, resolve_device, wrap_forward
 
 __all__ = ["Trainer", "DivergedError"]
@@ -121,6 +124,7 @@ class Trainer:
         self.alg = None
         self.inner: Optional[nn.Module] = None
         self.skipped_steps = self._skips_base = 0  # non-finite steps skipped in this session
+        self._rewind_weights = None  # IMP from --pretrained: the pretrained run's rewind.pt
 
     # -- setup ----------------------------------------------------------------------------
     @property
@@ -275,6 +279,9 @@ class Trainer:
                 self.alg.finetune(seg.epochs * self.steps_per_epoch)
             return
         self.alg = self._build_algorithm(seg)
+        if seg.kind == "imp" and self._rewind_weights is not None:
+            self.alg.set_rewind_state(self._rewind_weights)  # before round 1 prunes and rewinds
+            self._rewind_weights = None
         if seg.kind in baselines.AT_INIT:  # the one-shot cut (a resume restores it from the checkpoint)
             self.alg.prepare(baselines.score_batches(self.cfg, self.dataset, self.device))
         if seg.transition == "next_round":  # IMP from a pretrained model: round 1 right away
@@ -296,6 +303,17 @@ class Trainer:
             ckpt.save_atomic(cpu_state(self.inner), self.out / "model.pt")
             if masked_modules(self.inner):
                 save_masks(self.inner, self.out / "masks.pt")
+
+    def _keep_rewind_weights(self) -> None:
+        """pretrain: the state at the start of epoch ``--rewind-epoch``, in ``rewind.pt`` (for
+        ``prune --method imp --pretrained``; rewritten unchanged if a resume starts at that epoch)."""
+        cfg = self.cfg
+        if (cfg.command != "pretrain" or cfg.prune.rewind_epoch != self.epoch_in_seg or self.out is None
+                or not self.is_main):
+            return
+        ckpt.save_atomic({"format": REWIND_FORMAT, "epoch": self.epoch_in_seg,
+                          "step": self.epoch_in_seg * self.steps_per_epoch, "config": cfg.to_dict(),
+                          "model": cpu_state(self.inner)}, self.out / REWIND)
 
     def _resume(self) -> int:
         """Restore everything from ``out/checkpoint.pt``; returns the segment index."""
@@ -338,6 +356,9 @@ class Trainer:
                 resolve_model_path(cfg.checkpoint, "checkpoint")
             elif cfg.model.pretrained:
                 resolve_model_path(cfg.model.pretrained, "pretrained")
+                p = cfg.prune
+                if cfg.command == "prune" and p.method == "imp" and not p.rewind_to_pretrained:
+                    self._rewind_weights, p.rewind_epoch = read_rewind_file(cfg.model.pretrained, p.rewind_epoch)
         self._setup_device_and_data()
         t_start = time.perf_counter()
         if cfg.resume:
@@ -363,7 +384,7 @@ class Trainer:
                 ckpt.write_text_atomic(self.out / "config.yaml", cfg.to_yaml())
                 # --force: every file of the old run goes, so no old checkpoint.pt sits beside the
                 # new config.yaml if this run stops before its first checkpoint
-                stale = [self.out / f for f in (CHECKPOINT, METRICS, "results.json", "model.pt", "masks.pt")]
+                stale = [self.out / f for f in (CHECKPOINT, METRICS, "results.json", "model.pt", "masks.pt", REWIND)]
                 for f in stale + sorted(self.out.glob("round_*.pt")):
                     if f.exists():
                         f.unlink()
@@ -371,6 +392,7 @@ class Trainer:
         while seg_i < len(self.segments):
             seg = self.segments[seg_i]
             while self.epoch_in_seg < seg.epochs:
+                self._keep_rewind_weights()
                 t0 = time.perf_counter()
                 rec = self._train_epoch(seg)
                 train_s = time.perf_counter() - t0

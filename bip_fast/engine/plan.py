@@ -5,7 +5,8 @@
   starting from ``--pretrained``. Without ``--pretrained`` a dense segment of
   ``--pretrain-epochs`` (default: the dense schedule) runs first (not for SNIP/GraSP/SynFlow).
 - ``prune --method hydra``: ``hydra_prune`` (the score phase), then ``hydra_finetune``.
-- ``prune --method imp``: round 0 (dense, without ``--pretrained``), then rounds 1..R.
+- ``prune --method imp``: round 0 (dense, without ``--pretrained``), then rounds 1..R (from
+  ``--pretrained``: rewinding to the pretrained run's ``rewind.pt``).
 - ``finetune``: Dense SGD of the masked model under its fixed masks.
 
 The full description is in :mod:`bip_fast.engine.loop`.

@@ -20,13 +20,16 @@ from ..nn import masked_modules, sparsify
 from .checks import check_same_run
 from .hparams import RunConfig
 
-__all__ = ["RUN_FORMAT", "CHECKPOINT", "METRICS", "RUN_FILES", "EXPORT_FILES", "check_out_dir",
-           "resolve_model_path", "read_model_file", "load_state_into", "strict_json", "cpu_state"]
+__all__ = ["RUN_FORMAT", "REWIND_FORMAT", "CHECKPOINT", "METRICS", "REWIND", "RUN_FILES", "EXPORT_FILES",
+           "check_out_dir", "resolve_model_path", "read_model_file", "read_rewind_file", "load_state_into",
+           "strict_json", "cpu_state"]
 
 RUN_FORMAT = "bip_fast.run/1"
+REWIND_FORMAT = "bip_fast.rewind/1"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-RUN_FILES = (CHECKPOINT, METRICS, "config.yaml", "model.pt", "masks.pt", "results.json")
+REWIND = "rewind.pt"  # pretrain: the dense weights at the start of epoch --rewind-epoch, for IMP
+RUN_FILES = (CHECKPOINT, METRICS, "config.yaml", "model.pt", "masks.pt", "results.json", REWIND)
 EXPORT_FILES = ("model_dense_format.pt", "masks.pt")
 
 
@@ -45,8 +48,8 @@ def check_out_dir(out, resume: bool, force: bool) -> Path:
         return path
     present = [f for f in RUN_FILES if (path / f).exists()]
     present += sorted(p.name for p in path.glob("round_*.pt")) if path.is_dir() else []
-    if present == ["config.yaml"]:  # a run that ended before its first checkpoint: nothing to lose
-        present = []
+    if "config.yaml" in present and set(present) <= {"config.yaml", REWIND}:
+        present = []  # a run that ended before its first checkpoint: nothing to lose
     if present and not force:
         raise ValueError(f"out: '{out}' already holds a run ({', '.join(present)}); pass --resume to "
                          f"continue it or --force to overwrite it")
@@ -98,6 +101,34 @@ def read_model_file(path, what: str):
     else:
         raise ValueError(f"{what}: '{p}' is neither a bip_fast checkpoint nor a model state dict")
     return sd, stored
+
+
+def read_rewind_file(pretrained, rewind_epoch):
+    """-> (state_dict, epoch): the rewind weights a ``pretrain`` run kept beside the model
+    ``pretrained`` (a run folder, or a file in one), for ``prune --method imp --pretrained``.
+
+    Refuses (ValueError, one line saying what to do) when there is no ``rewind.pt`` there, and
+    when ``rewind_epoch`` (None: whatever the run kept) names another epoch than the file's."""
+    folder = resolve_model_path(pretrained, "pretrained").parent
+    path = folder / REWIND
+    if not path.is_file():
+        raise ValueError(f"pretrained: IMP rewinds to the dense run's weights of an early epoch (SPEC §5), and "
+                         f"'{folder}' holds no {REWIND} with them; pretrain the model with bip_fast (it keeps "
+                         f"the start of --rewind-epoch, default 3, in {REWIND}), or pass --rewind-to-pretrained "
+                         f"to rewind every round to the pretrained weights instead")
+    try:
+        obj = ckpt.load(path)
+    except ValueError as e:
+        raise ValueError(f"pretrained: {e}") from None
+    if not isinstance(obj, dict) or obj.get("format") != REWIND_FORMAT:
+        raise ValueError(f"pretrained: '{path}' is not a bip_fast rewind file")
+    check_same_run(obj["config"], folder, "pretrained", path)
+    epoch = int(obj["epoch"])
+    if rewind_epoch is not None and rewind_epoch != epoch:
+        raise ValueError(f"rewind_epoch: '{path}' holds the weights of the start of epoch {epoch}, got "
+                         f"--rewind-epoch {rewind_epoch}; drop the flag (or pass {epoch}), or rerun pretrain "
+                         f"with --rewind-epoch {rewind_epoch}")
+    return obj["model"], epoch
 
 
 def load_state_into(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, src) -> nn.Module:

@@ -13,7 +13,8 @@ Bi-level Optimization", appendix):
   usual CIFAR ResNet schedule the paper's baselines follow), weight decay 5e-4 (our choice: the
   common CIFAR value for dense training; the authors' BiP configs use 1e-4 — pass
   ``--weight-decay 1e-4`` to match them). IMP prunes 20% of the remaining weights per round
-  (SPEC §5) and rewinds to epoch ``rewind_epoch`` (default 3) of its dense round 0.
+  (SPEC §5) and rewinds to the start of epoch ``rewind_epoch`` (default 3) of the dense run: its
+  own round 0, or with ``--pretrained RUN`` the weights RUN's ``pretrain`` kept in ``rewind.pt``.
 - Hydra: score phase 20 epochs at score lr 0.1, then finetuning 100 epochs at lr 0.01 (Sehwag et
   al. 2020 CIFAR settings), weight decay 5e-4 (Hydra's default), layer-wise structure.
 - SNIP / GraSP / SynFlow (pruning at initialisation, :mod:`bip_fast.engine.baselines`): the
@@ -99,7 +100,13 @@ class PruneHparams:
     lr2: float = _f(1e-4, "official BiP variant: implicit-gradient coefficient")
     score_init: str = _f("magnitude", "BiP score init: magnitude or hydra")
     imp_rate: float = _f(0.2, "IMP: fraction of remaining weights pruned per round")
-    rewind_epoch: int = _f(3, "IMP: epoch of dense round 0 the weights rewind to (0 with --pretrained)")
+    rewind_epoch: Optional[int] = _f(None, "IMP: epoch of the dense run whose starting weights every round rewinds "
+                                           "to (default 3). pretrain keeps them in rewind.pt; prune --method imp "
+                                           "--pretrained RUN rewinds to RUN's rewind.pt (this flag, if given, "
+                                           "must name its epoch)")
+    rewind_to_pretrained: bool = _f(False, "IMP with --pretrained: rewind every round to the pretrained (converged) "
+                                           "weights themselves instead of an early epoch's (for a model.pt "
+                                           "without rewind.pt)")
     hydra_score_epochs: int = _f(20, "Hydra: epochs of the score phase (then --epochs of finetuning)")
     pretrain_epochs: Optional[int] = _f(None, "prune without --pretrained: epochs of the dense phase run first "
                                               "(default: the dense schedule, 160)")

@@ -33,6 +33,11 @@ class IMP(Algorithm):
     ``step(batch)`` is one SGD step (momentum, weight decay) of all parameters under the current
     masks; ``batch2`` is ignored. Scores are not trained (their gradient is switched off once at
     construction). ``IMP.rounds_for(density)`` gives the rounds needed to reach a density.
+
+    Pruning a converged model with rewinding to early weights of the same dense run (SPEC §5,
+    when the dense run happened elsewhere): construct IMP on the converged model, then
+    :meth:`set_rewind_state` with the early state dict; round 1 prunes by the converged
+    magnitudes and rewinds to the early weights.
     """
 
     name = "imp"
@@ -84,6 +89,33 @@ class IMP(Algorithm):
             sd = self.model.state_dict()
             self._rewind = {k: sd[k].detach().clone() for k in self._state_keys()}
 
+    def _checked_rewind(self, state: Dict[str, torch.Tensor], what: str) -> Dict[str, torch.Tensor]:
+        """Copies of the entries of ``state`` that a rewind restores, on the model's devices."""
+        mine = self.model.state_dict()
+        missing = sorted(set(self._state_keys()) - set(state))
+        if missing:
+            raise ValueError(f"{what}: rewind state lacks {missing}")
+        out = {}
+        for k in self._state_keys():
+            v = state[k]
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(mine[k].shape):
+                raise ValueError(f"{what}: rewind state {k!r}: expected shape {tuple(mine[k].shape)}, got "
+                                 f"{tuple(getattr(v, 'shape', ()))}")
+            out[k] = v.detach().to(device=mine[k].device, dtype=mine[k].dtype).clone()
+        return out
+
+    @torch.no_grad()
+    def set_rewind_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Rewind every round to ``state`` (a model state dict: weights, biases, norm parameters and
+        statistics; masks and scores are ignored) instead of the model at step ``rewind_step``.
+        Only before the first round."""
+        if self.round != 0:
+            raise RuntimeError(f"set_rewind_state: round {self.round} has begun; set the rewind state before "
+                               f"the first next_round()")
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected a state dict, got {type(state).__name__}")
+        self._rewind = self._checked_rewind(state, "state")
+
     def step(self, batch: Batch, batch2: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
         """One SGD step on ``batch`` under the current masks (``batch2`` is ignored)."""
         self._maybe_record_rewind()
@@ -127,11 +159,4 @@ class IMP(Algorithm):
         self.rewind_step = int(sd["rewind_step"])
         self.rate = float(sd["rate"])
         rew = sd["rewind"]
-        if rew is None:
-            self._rewind = None
-        else:
-            mine = self.model.state_dict()
-            missing = sorted(set(self._state_keys()) - set(rew))
-            if missing:
-                raise ValueError(f"state_dict: rewind state lacks {missing}")
-            self._rewind = {k: v.detach().clone().to(mine[k].device) for k, v in rew.items()}
+        self._rewind = None if rew is None else self._checked_rewind(rew, "state_dict")
