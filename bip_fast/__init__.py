@@ -22,6 +22,8 @@ from .nn import (
     sparsity_report,
 )
 from .pruning import GMP, IMP, OMP, SNIP, BiP, Dense, GraSP, Hydra, SynFlow
+from .masks import attach_groups, find_groups
+from .compaction import compact
 
 __version__ = "0.1.0"
 
@@ -44,6 +46,9 @@ __all__ = [
     "finalize",
     "sparsity_report",
     "masked_modules",
+    "attach_groups",
+    "find_groups",
+    "compact",
     "BiP",
     "IMP",
     "OMP",

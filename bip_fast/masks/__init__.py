@@ -15,10 +15,12 @@ from .. import ops
 from ..files.checkpoint import load, save_atomic
 from ..nn import masked_modules
 from ..ops import keep_count
+from .groups import ChannelGroups, attach_groups, find_groups
 
-STRUCTURES = ("global", "layer", "filter", "channel", "nm")
+STRUCTURES = ("global", "layer", "filter", "channel", "nm", "group")
 
-__all__ = ["STRUCTURES", "project", "apply_masks", "keep_count", "density_of", "save_masks", "load_masks"]
+__all__ = ["STRUCTURES", "project", "apply_masks", "keep_count", "density_of", "save_masks", "load_masks",
+           "find_groups", "attach_groups", "ChannelGroups"]
 
 
 def _check_density(density) -> float:
@@ -50,6 +52,9 @@ def project(
     density = _check_density(density)
     if structure not in STRUCTURES:
         raise ValueError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
+    if structure == "group":
+        raise ValueError("structure: 'group' projects a model's coupled channels, not a list of scores; "
+                         "see bip_fast.masks.groups.project_groups")
     scores = list(scores)
     if structure == "global":
         total = sum(s.numel() for s in scores)

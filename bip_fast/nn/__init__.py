@@ -21,6 +21,7 @@ from .modules import (
     MaskedLinear,
     MaskedMultiheadAttention,
 )
+from .norm import MASKED_NORM_TYPES, MaskedBatchNorm1d, MaskedBatchNorm2d, MaskedBatchNorm3d
 
 __all__ = [
     "MaskedConv1d",
@@ -31,6 +32,10 @@ __all__ = [
     "MaskedConvTranspose3d",
     "MaskedLinear",
     "MaskedMultiheadAttention",
+    "MaskedBatchNorm1d",
+    "MaskedBatchNorm2d",
+    "MaskedBatchNorm3d",
+    "MASKED_NORM_TYPES",
     "MASKED_TYPES",
     "MASKED_OF",
     "sparsify",

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .modules import MASKED_OF, MASKED_TYPES, PLAIN_OF, MaskedLinear, MaskedMultiheadAttention
+from .norm import MASKED_NORM_TYPES
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
@@ -228,12 +229,13 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
 
 
 def finalize(model: nn.Module) -> nn.Module:
-    """Turn masked modules back into plain layers (nn.Conv2d, nn.Linear, ...) with the mask's zeros baked in."""
-    if isinstance(model, MASKED_TYPES):
+    """Turn masked modules back into plain layers (nn.Conv2d, nn.Linear, nn.BatchNorm2d, ...) with the
+    masks' zeros baked in (weight masks, bias masks, BatchNorm channel masks)."""
+    if isinstance(model, MASKED_TYPES + MASKED_NORM_TYPES):
         return _to_plain(model)
     done: List[str] = []
     for name, m in list(model.named_modules()):
-        if isinstance(m, MASKED_TYPES) and not any(name.startswith(d + ".") for d in done):
+        if isinstance(m, MASKED_TYPES + MASKED_NORM_TYPES) and not any(name.startswith(d + ".") for d in done):
             _swap(model, name, _to_plain(m))
             done.append(name)  # an attention layer's out_proj goes with it
     return model
@@ -242,11 +244,14 @@ def finalize(model: nn.Module) -> nn.Module:
 def _to_plain(m: nn.Module) -> nn.Module:
     if isinstance(m, MaskedMultiheadAttention):
         return _mha_to_plain(m)
+    if isinstance(m, MASKED_NORM_TYPES):
+        return m.to_plain()
     dev, dt = m.weight.device, m.weight.dtype
     new = PLAIN_OF[type(m)](**_ctor_kwargs(m), device="meta", dtype=dt)
     with torch.no_grad():
         new.weight = nn.Parameter(m.weight.detach() * m.mask.to(dt), requires_grad=m.weight.requires_grad)
-        new.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
+        new.bias = None if m.bias is None else nn.Parameter(m._masked_bias().detach().clone(),
+                                                            requires_grad=m.bias.requires_grad)
     new.to(dev)
     new.train(m.training)
     return new

@@ -57,6 +57,24 @@ class _MaskedMixin:
     def density(self) -> float:
         return float(self.mask.sum()) / self.mask.numel()
 
+    def set_bias_mask(self, keep: torch.Tensor) -> None:
+        """Mask the bias with a bool vector of its length (in place; the ``bias_mask`` buffer is
+        registered on first use, so layers without one keep their state-dict keys). The group
+        structure sets it on the output channels it removes, so a removed filter outputs exactly 0."""
+        if self.bias is None:
+            raise ValueError(f"bias_mask: {type(self).__name__} has no bias")
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != self.bias.shape:
+            raise ValueError(f"bias_mask: expected a bool tensor of shape {tuple(self.bias.shape)}, got "
+                             f"{getattr(keep, 'dtype', type(keep).__name__)} {tuple(getattr(keep, 'shape', ()))}")
+        if "bias_mask" not in self._buffers:
+            self.register_buffer("bias_mask", torch.ones_like(keep, device=self.bias.device))
+        with torch.no_grad():
+            self._buffers["bias_mask"].copy_(keep)
+
+    def _masked_bias(self) -> Optional[torch.Tensor]:
+        keep = self._buffers.get("bias_mask")
+        return self.bias if keep is None or self.bias is None else self.bias * keep.to(self.bias.dtype)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # A plain layer's state dict loads too: scores from the weight, a full mask.
         wkey = prefix + self._weight_key
@@ -66,6 +84,8 @@ class _MaskedMixin:
                 state_dict[prefix + "scores"] = w.detach().to(torch.float32).clone()
             if prefix + "mask" not in state_dict:
                 state_dict[prefix + "mask"] = torch.ones(w.shape, dtype=torch.bool)
+        if prefix + "bias_mask" in state_dict and "bias_mask" not in self._buffers and self.bias is not None:
+            self.register_buffer("bias_mask", torch.ones(self.bias.shape, dtype=torch.bool, device=self.bias.device))
         super()._load_from_state_dict(  # type: ignore[misc]
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -85,7 +105,7 @@ class _MaskedConv(_MaskedMixin):
         self._init_masking()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self._masked_weight(), self.bias)  # type: ignore[attr-defined]
+        return self._conv_forward(input, self._masked_weight(), self._masked_bias())  # type: ignore[attr-defined]
 
 
 class MaskedConv2d(_MaskedConv, nn.Conv2d):
@@ -101,7 +121,7 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return ops.masked_linear(
-            input, self.weight, self.scores, self.mask, self.bias, self.ig_scale, backend=self.backend
+            input, self.weight, self.scores, self.mask, self._masked_bias(), self.ig_scale, backend=self.backend
         )
 
 
@@ -131,7 +151,7 @@ class _MaskedConvTranspose(_MaskedMixin):
     def forward(self, input: torch.Tensor, output_size=None) -> torch.Tensor:
         output_padding = self._output_padding(  # type: ignore[attr-defined]
             input, output_size, self.stride, self.padding, self.kernel_size, self._nd, self.dilation)
-        return type(self)._conv_t(input, self._masked_weight(), self.bias, self.stride, self.padding,  # type: ignore[attr-defined]
+        return type(self)._conv_t(input, self._masked_weight(), self._masked_bias(), self.stride, self.padding,  # type: ignore[attr-defined]
                                   output_padding, self.groups, self.dilation)
 
 

@@ -45,6 +45,7 @@ from torch import nn
 
 from .. import ops
 from ..masks import apply_masks, keep_count, project
+from ..masks.groups import apply_group_vectors, project_groups
 from ..nn import masked_modules, sparsify
 from ._guard import NonFiniteError, NonFiniteGuard
 from ._validate import (Batch, _check_any_batch, _check_batch, _check_loss_args, _check_loss_value, _check_number,
@@ -391,6 +392,10 @@ def _project_into(alg: Algorithm, scores: Sequence[torch.Tensor], density: float
     if structure == "global" and hist1 is not None:
         total = sum(s.numel() for s in scores)
         alg._set_masks(ops.topk_masks(scores, keep_count(total, density), hist1=hist1))
+    elif structure == "group":  # whole channels of the groups of bip_fast.attach_groups
+        masks, vectors = project_groups(alg.model, alg.module_names, scores, density)
+        alg._set_masks(masks)
+        apply_group_vectors(alg.model, vectors)
     else:
         try:
             masks = project(scores, density, structure, n=n, m=m,
