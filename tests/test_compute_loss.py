@@ -128,7 +128,7 @@ def prunable(alg):
 def test_bip_exact_k_every_step(case, schedule):
     make, loss, data = CASES[case]
     torch.manual_seed(0)
-    alg = bip_fast.BiP(make(), 0.5, schedule=schedule, compute_loss=loss, total_steps=6)
+    alg = bip_fast.BiP(make(), 0.5, schedule=schedule, compute_loss=loss, total_steps=6, score_lr=1.0)
     k = keep_count(prunable(alg), 0.5)
     assert kept(alg) == k
     bs = data(1, 12)
@@ -204,7 +204,7 @@ def test_target_bip_prunes_a_dict_model():
 def test_transformer_learns_the_token_task():
     """BiP at 50% sparsity with compute_loss learns the token task (copy the first token)."""
     torch.manual_seed(0)
-    alg = BiP(TinyEncoder(), 0.5, lr=0.2, compute_loss=token_loss, total_steps=100)
+    alg = BiP(TinyEncoder(), 0.5, lr=0.2, score_lr=39.1, compute_loss=token_loss, total_steps=100)
     held = token_batches(99, 1)[0]
     with torch.no_grad():
         before = float(token_loss(alg.model.eval(), held))

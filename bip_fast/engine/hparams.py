@@ -27,6 +27,7 @@ from ..models import ARCHS
 from .sections import (
     CIFAR_DATASETS, COMMANDS, DATASETS, FIELD_SECTION, FOLDER_DATASETS, METHOD_DEFAULTS, METHODS, SCHEDULES,
     SCORE_INITS, SECTIONS, STRUCTURES, VARIANTS, DataHparams, ModelHparams, PruneHparams, TrainHparams,
+    dense_epochs,
 )
 
 __all__ = [
@@ -223,7 +224,9 @@ class RunConfig:
         method = self.prune.method
         if method not in METHODS:
             raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
-        md = METHOD_DEFAULTS[method]
+        md = dict(METHOD_DEFAULTS[method])
+        if method == "dense":  # pretrain / finetune: the dataset's dense schedule
+            md["epochs"] = dense_epochs(self.data.dataset)
         flat = self.flat()
         for k, v in md.items():
             if flat[k] is None:

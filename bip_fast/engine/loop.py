@@ -7,8 +7,9 @@ of epochs of one algorithm (``bip_fast.pruning``):
   at the start of epoch ``--rewind-epoch`` (default 3) is kept in ``rewind.pt`` for IMP.
 - ``prune --method bip|omp|snip|grasp|synflow|gmp``: the method's segment (:mod:`.baselines`; the plan is :mod:`.plan`),
   starting from ``--pretrained`` (a model.pt, checkpoint.pt or run folder). Without
-  ``--pretrained`` a dense segment of ``--pretrain-epochs`` (default: the dense schedule, 160
-  epochs at lr 0.1) runs first in the same run folder (not for SNIP/GraSP/SynFlow).
+  ``--pretrained`` a dense segment of ``--pretrain-epochs`` (default: the dataset's dense
+  schedule, e.g. 160 epochs at lr 0.1 on CIFAR) runs first in the same run folder (not for
+  SNIP/GraSP/SynFlow).
 - ``prune --method hydra``: ``hydra_prune`` (``--hydra-score-epochs`` of score training), then
   ``hydra_finetune`` (``Hydra.finetune()``, ``--epochs`` of weight training under the mask).
 - ``prune --method imp``: without ``--pretrained``, round 0 is dense training inside IMP and the
@@ -68,7 +69,7 @@ from . import baselines
 from .checks import check_nm_layers, check_same_run
 from .evaluation import density, evaluate
 from .hparams import RunConfig
-from .plan import Segment, plan_segments
+from .plan import Segment, describe_plan, plan_segments
 from .rundir import (CHECKPOINT, METRICS, REWIND, REWIND_FORMAT, RUN_FORMAT, check_out_dir, cpu_state,
                      load_state_into, read_model_file, read_rewind_file, resolve_model_path, strict_json)
 from .setup import build_algorithm, dist_info, make_loaders, resolve_device, wrap_forward
@@ -89,10 +90,13 @@ class Trainer:
     ``callbacks``: callables ``cb(trainer, record)`` run after each epoch, after the checkpoint
     and the metrics line are written (an exception there stops the run; the checkpoint stays).
     ``out=None`` in the config runs without writing anything (library use).
+    ``announce``: called (on rank 0) with the plan line (:func:`~bip_fast.engine.plan.describe_plan`:
+    every segment's epochs and steps) once the run is set up, before its first step; the CLI
+    prints it. The line is also :attr:`plan_text`.
     """
 
     def __init__(self, config: RunConfig, *, dataset=None, model_fn: Optional[Callable[[], nn.Module]] = None,
-                 callbacks: Sequence[Callable] = ()) -> None:
+                 callbacks: Sequence[Callable] = (), announce: Optional[Callable[[str], None]] = None) -> None:
         if not isinstance(config, RunConfig):
             raise TypeError(f"config: expected a RunConfig, got {type(config).__name__}")
         self._resume_state = None
@@ -117,6 +121,8 @@ class Trainer:
         self.dataset = dataset
         self.model_fn = model_fn
         self.callbacks: List[Callable] = list(callbacks)
+        self.announce = announce
+        self.plan_text: Optional[str] = None
         self.rank, self.world = dist_info()
         self.out = Path(self.cfg.out) if self.cfg.out else None
         self.history: List[Dict[str, Any]] = []
@@ -389,6 +395,9 @@ class Trainer:
                     if f.exists():
                         f.unlink()
 
+        self.plan_text = describe_plan(cfg, self.segments, self.steps_per_epoch, seg_i, self.epoch_in_seg)
+        if self.announce is not None and self.is_main:
+            self.announce(self.plan_text)
         while seg_i < len(self.segments):
             seg = self.segments[seg_i]
             while self.epoch_in_seg < seg.epochs:

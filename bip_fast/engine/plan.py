@@ -3,13 +3,15 @@
 - ``pretrain``: ``dense`` (Dense, plain model) -> ``model.pt`` is the plain state dict.
 - ``prune --method bip|omp|snip|grasp|synflow|gmp``: the method's segment (:mod:`.baselines`),
   starting from ``--pretrained``. Without ``--pretrained`` a dense segment of
-  ``--pretrain-epochs`` (default: the dense schedule) runs first (not for SNIP/GraSP/SynFlow).
+  ``--pretrain-epochs`` (default: the dataset's dense schedule, :func:`.sections.dense_epochs`)
+  runs first (not for SNIP/GraSP/SynFlow).
 - ``prune --method hydra``: ``hydra_prune`` (the score phase), then ``hydra_finetune``.
 - ``prune --method imp``: round 0 (dense, without ``--pretrained``), then rounds 1..R (from
   ``--pretrained``: rewinding to the pretrained run's ``rewind.pt``).
 - ``finetune``: Dense SGD of the masked model under its fixed masks.
 
-The full description is in :mod:`bip_fast.engine.loop`.
+The full description is in :mod:`bip_fast.engine.loop`. :func:`describe_plan` is the one line a
+run prints before it starts: every segment with its epochs and steps.
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ..pruning import IMP
+from ..pruning.bip import MEASURED_SCORE_STEPS, PAPER_SCORE_STEPS, scaled_score_lr, score_lr_note
 from . import baselines
-from .hparams import METHOD_DEFAULTS, RunConfig
+from .hparams import RunConfig
+from .sections import dense_epochs
 
-__all__ = ["Segment", "plan_segments"]
+__all__ = ["Segment", "plan_segments", "describe_plan", "resolved_score_lr"]
 
 
 @dataclass
@@ -42,7 +46,7 @@ class Segment:
 def plan_segments(cfg: RunConfig) -> List[Segment]:
     """The segments of a (resolved) config's run; see the module docstring."""
     c, p, t = cfg.command, cfg.prune, cfg.train
-    pre = p.pretrain_epochs if p.pretrain_epochs is not None else METHOD_DEFAULTS["dense"]["epochs"]
+    pre = p.pretrain_epochs if p.pretrain_epochs is not None else dense_epochs(cfg.data.dataset)
     if c == "pretrain":
         return [Segment("dense", "dense", t.epochs)]
     if c == "finetune":
@@ -74,3 +78,73 @@ def plan_segments(cfg: RunConfig) -> List[Segment]:
     else:
         raise ValueError(f"method: prune needs bip, imp, omp or hydra, got {p.method!r}")
     return segs
+
+
+def resolved_score_lr(cfg: RunConfig, total_steps: int) -> float:
+    """BiP's score lr for a segment of ``total_steps``: ``--score-lr``, else the rule
+    :func:`~bip_fast.pruning.bip.scaled_score_lr`."""
+    return cfg.prune.score_lr if cfg.prune.score_lr is not None else scaled_score_lr(total_steps)
+
+
+def _score_lr_text(cfg: RunConfig, steps: int) -> str:
+    if cfg.prune.variant == "official":
+        return ", one lr for both levels (official variant)"
+    if cfg.prune.score_lr is not None:
+        return f", score lr {cfg.prune.score_lr:g}"
+    text = f", score lr {scaled_score_lr(steps):.4g} (0.1 x {PAPER_SCORE_STEPS} / {steps} steps)"
+    if score_lr_note(steps):
+        lo, hi = MEASURED_SCORE_STEPS
+        text += f" outside the measured {lo}-{hi} steps: set --score-lr"
+    return text
+
+
+def describe_plan(cfg: RunConfig, segments: List[Segment], steps_per_epoch: int, start: int = 0,
+                  start_epoch: int = 0) -> str:
+    """One line: ``plan: <segment> E epochs x S steps | ... | N epochs, M steps in all``, with the
+    dense phase's origin and BiP's resolved score lr; ``start``/``start_epoch``: where a resumed
+    run continues."""
+    spe = steps_per_epoch
+    p = cfg.prune
+    parts: List[str] = []
+    i = 0
+    while i < len(segments):
+        seg = segments[i]
+        shape = f"{_count(seg.epochs, 'epoch')} x {_count(spe, 'step')}"
+        if seg.kind == "imp" and seg.round:  # rounds 1..R, one entry
+            j = i
+            while j + 1 < len(segments) and segments[j + 1].kind == "imp":
+                j += 1
+            n = j - i + 1
+            parts.append(f"imp rounds {seg.round}-{segments[j].round} (each prunes {p.imp_rate:g} of the "
+                         f"remaining weights, rewinds and retrains) {n} x {shape}")
+            i = j + 1
+            continue
+        if seg.name == "pretrain":
+            origin = (f"{cfg.data.dataset}'s dense schedule; --pretrain-epochs N to change it, --pretrained to "
+                      f"skip it" if p.pretrain_epochs is None else "--pretrain-epochs")
+            parts.append(f"dense phase {shape} ({origin})")
+        elif seg.kind == "imp":
+            rewind = f", rewind point: start of epoch {p.rewind_epoch}" if p.rewind_epoch is not None else ""
+            parts.append(f"imp round 0 (dense) {shape}{rewind}")
+        elif seg.kind == "bip":
+            parts.append(f"bip {shape}{_score_lr_text(cfg, seg.epochs * spe)}")
+        elif seg.name == "hydra_prune":
+            parts.append(f"hydra score phase {shape}, score lr {p.score_lr:g}")
+        elif seg.name == "hydra_finetune":
+            parts.append(f"hydra finetune {shape}")
+        elif seg.kind == "dense" and cfg.command == "pretrain":
+            rewind = (f", keeps the start of epoch {p.rewind_epoch} for IMP (rewind.pt)"
+                      if p.rewind_epoch is not None else "")
+            parts.append(f"dense {shape}{rewind}")
+        else:
+            parts.append(f"{seg.name} {shape}")
+        i += 1
+    epochs = sum(s.epochs for s in segments)
+    head = "plan"
+    if start or start_epoch:
+        head += f" (resuming at epoch {start_epoch + 1} of {segments[start].name})"
+    return f"{head}: {' | '.join(parts)} | {_count(epochs, 'epoch')}, {_count(epochs * spe, 'step')} in all"
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -9,6 +9,10 @@ Bi-level Optimization", appendix):
   dense rate, and what the authors' code ran) and score lr 0.1 x 39,100 / the run's steps (the
   paper's 0.1 on its own 39,100-step schedule, the same product of rate and steps on a shorter
   one), which docs/equal_accuracy.md measured to win.
+- Dense training (``pretrain``, and the dense phase ``prune`` runs without ``--pretrained``): its
+  length depends on the dataset (``DENSE_EPOCHS``): CIFAR-10/100 160 epochs (the usual CIFAR ResNet
+  schedule the paper's baselines follow), Tiny-ImageNet 200 (the authors' Tiny-ImageNet
+  pretraining config), ImageNet 90 (the standard ResNet-50 recipe; configs/dense_*.yaml).
 - Dense / IMP / OMP (re)training: lr 0.1, momentum 0.9, batch 128, cosine, 160 epochs (the
   usual CIFAR ResNet schedule the paper's baselines follow), weight decay 5e-4 (our choice: the
   common CIFAR value for dense training; the authors' BiP configs use 1e-4 — pass
@@ -33,7 +37,7 @@ from ..data.folder import FOLDER_DATASETS
 
 __all__ = [
     "METHODS", "COMMANDS", "STRUCTURES", "VARIANTS", "SCHEDULES", "SCORE_INITS", "CIFAR_DATASETS",
-    "FOLDER_DATASETS", "DATASETS", "METHOD_DEFAULTS", "DataHparams", "ModelHparams", "PruneHparams",
+    "FOLDER_DATASETS", "DATASETS", "METHOD_DEFAULTS", "DENSE_EPOCHS", "dense_epochs", "DataHparams", "ModelHparams", "PruneHparams",
     "TrainHparams", "SECTIONS", "FIELD_SECTION",
 ]
 
@@ -58,6 +62,16 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "synflow": {"epochs": 160, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
     "gmp": {"epochs": 100, "lr": 0.1, "weight_decay": 5e-4, "structure": "global"},
 }
+
+
+# Epochs of the dense schedule per dataset (see the module docstring); any other dataset: CIFAR's.
+DENSE_EPOCHS: Dict[str, int] = {"cifar10": 160, "cifar100": 160, "tiny-imagenet": 200, "imagenet": 90}
+
+
+def dense_epochs(dataset: str) -> int:
+    """Default length of dense training on ``dataset`` (cifar-10 and cifar10 alike)."""
+    name = str(dataset).lower()
+    return DENSE_EPOCHS.get(name, DENSE_EPOCHS.get(name.replace("-", ""), DENSE_EPOCHS["cifar10"]))
 
 
 def _f(default, help: str, **meta):
@@ -109,7 +123,8 @@ class PruneHparams:
                                            "without rewind.pt)")
     hydra_score_epochs: int = _f(20, "Hydra: epochs of the score phase (then --epochs of finetuning)")
     pretrain_epochs: Optional[int] = _f(None, "prune without --pretrained: epochs of the dense phase run first "
-                                              "(default: the dense schedule, 160)")
+                                              "(default: the dataset's dense schedule: cifar10/cifar100 160, "
+                                              "tiny-imagenet 200, imagenet 90)")
     score_samples: Optional[int] = _f(None, "SNIP/GraSP: training images the scores see (default: SNIP one "
                                             "batch of --batch-size, GraSP 10 per class)")
     grasp_temperature: float = _f(200.0, "GraSP: temperature dividing the logits of the score passes")
@@ -122,7 +137,8 @@ class PruneHparams:
 
 @dataclass
 class TrainHparams:
-    epochs: Optional[int] = _f(None, "training epochs of the stage (default per method)")
+    epochs: Optional[int] = _f(None, "training epochs of the stage (default per method; pretrain: the dataset's "
+                                     "dense schedule, cifar10/cifar100 160, tiny-imagenet 200, imagenet 90)")
     lr: Optional[float] = _f(None, "base (weight) learning rate, cosine-annealed (default per method)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: Optional[float] = _f(None, "weight decay (default per method)")

@@ -19,6 +19,7 @@ from ..nn import sparsify
 from ..pruning import get_algorithm
 from . import baselines
 from .hparams import FOLDER_DATASETS, METHOD_DEFAULTS, RunConfig
+from .plan import resolved_score_lr
 
 __all__ = ["resolve_device", "dist_info", "init_distributed_from_env", "Loaders", "make_loaders",
            "build_algorithm", "Forward", "wrap_forward"]
@@ -120,7 +121,7 @@ def build_algorithm(seg, cfg: RunConfig, model: nn.Module, steps_per_epoch: int,
     if seg.kind == "bip":
         return get_algorithm("bip")(
             model, p.sparsity, structure=p.structure, schedule=p.schedule, variant=p.variant,
-            lr=t.lr, score_lr=p.score_lr, weight_decay=t.weight_decay,
+            lr=t.lr, score_lr=resolved_score_lr(cfg, total), weight_decay=t.weight_decay,
             score_weight_decay=p.score_weight_decay, gamma=p.gamma, lr2=p.lr2, score_init=p.score_init,
             n=p.nm_n, m=p.nm_m, **common)
     if seg.kind == "omp":

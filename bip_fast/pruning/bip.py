@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -11,7 +12,8 @@ from torch import nn
 from .base import Algorithm, SGDGroup, _project_into
 from ._validate import Batch, _check_choice, _check_number, _check_structure, check_sparsity
 
-__all__ = ["BiP", "init_scores", "scaled_score_lr", "PAPER_HPARAMS", "PAPER_SCORE_STEPS"]
+__all__ = ["BiP", "init_scores", "scaled_score_lr", "score_lr_note", "PAPER_HPARAMS", "PAPER_SCORE_STEPS",
+           "MEASURED_SCORE_STEPS"]
 
 
 def _world_size() -> int:
@@ -23,18 +25,43 @@ def _world_size() -> int:
 PAPER_HPARAMS = {"lr": 0.01, "score_lr": 0.1, "gamma": 1.0, "weight_decay": 1e-4}
 # Steps of the paper's BiP schedule: 100 epochs of 391 steps (CIFAR-10, batch 128).
 PAPER_SCORE_STEPS = 100 * 391
+# BiP schedules (steps) the score-lr rule was measured on, shortest and longest: the CIFAR-10
+# ResNet-8 cpu preset's 349 steps (score lr 11.2; its 2x schedule, 698 steps at 5.6, did as well)
+# in docs/equal_accuracy.md and benchmarks/results/bip-ablation-cpu-cpu, and the paper's 39,100
+# (its own 0.1).
+MEASURED_SCORE_STEPS = (349, PAPER_SCORE_STEPS)
 
 
 def scaled_score_lr(total_steps: Optional[int], base: float = 0.1, paper_steps: int = PAPER_SCORE_STEPS) -> float:
-    """Score learning rate that keeps the paper's product of score lr and steps.
+    """Score learning rate that keeps the paper's product of score lr and steps constant.
 
-    The scores move by roughly lr_s x (sum of G_s over the schedule); in a schedule shortened by a
-    factor f the same lr_s moves them f times less, and the mask barely changes (docs/equal_accuracy.md).
-    Returns ``base * paper_steps / total_steps`` (``base`` when ``total_steps`` is None), which is
-    exactly the paper's 0.1 on its own 39,100-step schedule."""
+    Returns ``base * paper_steps / total_steps`` (``base`` when ``total_steps`` is None): the
+    paper's 0.1 on its own schedule (CIFAR-10, batch 128, 100 epochs x 391 = 39,100 steps), and on
+    any other schedule the rate whose product with the step count is the same 0.1 x 39,100 = 3,910.
+    Why: the scores move by roughly lr_s x (sum of G_s over the schedule); in a schedule shortened
+    by a factor f the same lr_s moves them f times less, and the mask barely changes.
+
+    Where it was measured: CIFAR-10, ResNet-8 on 4,000 images, batch 128, at 349 and 698 BiP
+    steps (score lr 11.2 and 5.6, docs/equal_accuracy.md, benchmarks/results/bip-ablation-cpu-cpu)
+    and, by the paper, at 39,100 steps (0.1): so for 349 to 39,100 steps (``MEASURED_SCORE_STEPS``)
+    the rule gives 0.1 to 11.2. Outside that range it is an extrapolation (391 at 10 steps, 0.008
+    at 500,000), and a dataset or batch size far from CIFAR-10's may want another product;
+    :func:`score_lr_note` says so, and ``BiP`` warns when it resolves such a value."""
     if total_steps is None:
         return float(base)
     return float(base) * paper_steps / int(total_steps)
+
+
+def score_lr_note(total_steps: Optional[int]) -> Optional[str]:
+    """Why :func:`scaled_score_lr` of ``total_steps`` is an extrapolation (None inside the measured
+    range, or without ``total_steps``)."""
+    lo, hi = MEASURED_SCORE_STEPS
+    if total_steps is None or lo <= total_steps <= hi:
+        return None
+    return (f"score_lr=None resolves to {scaled_score_lr(total_steps):.4g} = 0.1 x {PAPER_SCORE_STEPS} / "
+            f"{total_steps} steps, outside the schedules the rule was measured on ({lo} to {hi} steps, score lr "
+            f"{scaled_score_lr(hi):.3g} to {scaled_score_lr(lo):.3g}); pass score_lr explicitly if that is not "
+            f"what you want")
 
 
 def _add_upper(out: Dict[str, torch.Tensor], up: Dict[str, torch.Tensor]) -> None:
@@ -120,7 +147,9 @@ class BiP(Algorithm):
     :func:`scaled_score_lr` of ``total_steps``: 0.1 x 39,100 / total_steps, the paper's score rate on
     its own 100-epoch schedule and the same product of rate and steps on a shorter one (0.1 without
     ``total_steps``). The paper's text (lr 0.01, score lr 0.1 at any length) is
-    ``BiP(model, sparsity, **PAPER_HPARAMS)``.
+    ``BiP(model, sparsity, **PAPER_HPARAMS)``. A UserWarning names the resolved value when
+    ``total_steps`` lies outside the schedules the rule was measured on (``MEASURED_SCORE_STEPS``,
+    349 to 39,100 steps).
 
     Scores are initialised by :func:`init_scores` (``score_init="magnitude"``: |θ|, so the first
     mask is the magnitude mask of the pretrained model; ``"hydra"``: Hydra's scaled |θ|).
@@ -170,6 +199,9 @@ class BiP(Algorithm):
                          include=include, exclude=exclude)
         if score_lr is None:
             score_lr = scaled_score_lr(self.total_steps)
+            note = score_lr_note(self.total_steps) if variant == "paper" else None
+            if note:
+                warnings.warn(f"BiP: {note}", UserWarning, stacklevel=2)
         self.score_lr = _check_number(score_lr, "score_lr", low=0.0)
         # Global projection reuses the radix histogram computed by the score update's launch.
         self._hist = structure == "global"
