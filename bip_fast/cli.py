@@ -11,10 +11,6 @@ flags given on the command line override it. Examples::
     python -m bip_fast eval --checkpoint runs/bip90
     python -m bip_fast export --checkpoint runs/bip90 --out runs/bip90/export
 
-A training command (pretrain, prune, finetune) prints its plan as the first line on stdout before
-its first step: every segment (dense phase, pruning, finetuning) with its epochs and steps, and
-BiP's resolved score lr; its last line is the results as JSON.
-
 Bad input prints one line ``bip_fast: error: ...`` on stderr and exits with status 2; nothing is
 written in that case. A run folder that already holds a run is refused unless ``--resume`` (to
 continue it) or ``--force`` (to overwrite it). Under torchrun (WORLD_SIZE > 1) the process group
@@ -39,13 +35,9 @@ from .engine.setup import init_distributed_from_env
 __all__ = ["main", "build_parser"]
 
 _HELP = {
-    "pretrain": "train the dense model (method dense; --epochs defaults to the dataset's dense schedule: "
-                "cifar10/cifar100 160, tiny-imagenet 200, imagenet 90); writes model.pt, and rewind.pt (the start "
-                "of --rewind-epoch) for IMP",
+    "pretrain": "train the dense model (method dense); writes model.pt",
     "prune": "prune with --method bip|imp|omp|hydra|snip|grasp|synflow|gmp from --pretrained (or after a dense "
-             "phase of --pretrain-epochs, by default the dataset's dense schedule: cifar10/cifar100 160 epochs, "
-             "tiny-imagenet 200, imagenet 90; SNIP/GraSP/SynFlow prune the initialisation). The first line "
-             "printed is the plan: every segment's epochs and steps",
+             "phase; SNIP/GraSP/SynFlow prune the initialisation)",
     "finetune": "retrain --checkpoint's model under its fixed masks",
     "eval": "test accuracy and sparsity of --checkpoint",
     "export": "write --checkpoint as a plain PyTorch model (model_dense_format.pt) and masks.pt",
@@ -80,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="continue the run in --out from its checkpoint.pt")
         run.add_argument("--force", action="store_true", default=argparse.SUPPRESS,
                          help="overwrite a run folder that already holds a run")
+        if cmd == "export":
+            run.add_argument("--compact", action="store_true",
+                             help="also write model_compact.pt2: the removed channels cut out (structure group), "
+                                  "saved by torch.export; torch.export.load(path).module() loads it without bip_fast")
         add_flags(p)
     return parser
 
@@ -140,6 +136,7 @@ def _check_arch_flag(cfg: RunConfig) -> None:
 def _run(argv: Optional[List[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    compact = bool(vars(args).pop("compact", False))  # export's own flag, not a run setting
     cfg, given = _config(args)
     cmd = cfg.command
     _TRAINING_OUT[0] = cfg.out if cmd in ("pretrain", "prune", "finetune") else None
@@ -152,7 +149,7 @@ def _run(argv: Optional[List[str]]) -> int:
         if not cfg.resume:
             cfg = cfg.resolved()  # validate before touching anything
             check_out_dir(cfg.out, False, cfg.force)
-        trainer = Trainer(cfg, announce=lambda line: print(line, flush=True))
+        trainer = Trainer(cfg)
         if cfg.resume:
             if trainer.cfg.command != cmd:
                 raise ValueError(f"resume: '{cfg.out}' holds a {trainer.cfg.command!r} run, not {cmd!r}")
@@ -174,7 +171,7 @@ def _run(argv: Optional[List[str]]) -> int:
         rep = evaluate_checkpoint(cfg)
         print(json.dumps(rep))
         return 0
-    rep = export_checkpoint(cfg)
+    rep = export_checkpoint(cfg, compact=compact)
     print(json.dumps(rep))
     return 0
 

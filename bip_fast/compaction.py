@@ -19,14 +19,16 @@ added constant) makes a zero channel non-removable.
 
 from __future__ import annotations
 
+import io
 from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
+from .files.checkpoint import _check_path, _write_atomic
 from .masks.groups import Member, _discover, _plain_copy, call_model
 
-__all__ = ["compact"]
+__all__ = ["compact", "export_compact"]
 
 
 def _producer_zero(mod: nn.Module, mem: Member) -> torch.Tensor:
@@ -122,3 +124,23 @@ def compact(model: nn.Module, example_inputs, *, check: bool = True, rtol: float
                              f"{scale:.3g}, rtol {rtol}); an operation between coupled layers does not map a zero "
                              f"channel to zero")
     return plain
+
+
+def export_compact(model: nn.Module, example_inputs, path, *, check: bool = True) -> Dict[str, object]:
+    """:func:`compact` ``model`` and write it with ``torch.export`` (a ``.pt2`` file: graph and
+    weights, the batch dimension dynamic), which loads without bip_fast::
+
+        small = torch.export.load(path).module()
+
+    ``example_inputs``: a tensor, or a tuple of tensors, with a batch dimension of at least 2
+    (torch.export specialises a size-1 dimension). Returns the file and the parameter counts."""
+    small = compact(model, example_inputs, check=check).eval()
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+    program = torch.export.export(small, args, dynamic_shapes=dynamic)
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    _write_atomic((buf.getbuffer(),), _check_path(path))  # temporary file, fsync, rename
+    return {"path": str(path), "params": sum(p.numel() for p in small.parameters()),
+            "masked_params": sum(p.numel() for n, p in model.named_parameters() if not n.endswith("scores"))}

@@ -86,9 +86,20 @@ def evaluate_checkpoint(cfg: RunConfig) -> Dict[str, Any]:
             "kept": rep["kept"], "test_samples": n_test}
 
 
-def export_checkpoint(cfg: RunConfig, num_classes: Optional[int] = None) -> Dict[str, str]:
+def example_input(dataset: str, batch: int = 2) -> torch.Tensor:
+    """A random input batch of ``dataset``'s image size (CIFAR 32, Tiny-ImageNet 64, ImageNet 224)."""
+    from ..data.folder import SPECS
+
+    size = SPECS[dataset.lower()]["size"] if dataset.lower() in SPECS else 32
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def export_checkpoint(cfg: RunConfig, num_classes: Optional[int] = None, compact: bool = False) -> Dict[str, str]:
     """Write ``model_dense_format.pt`` (state dict of the finalize()d plain model: masked weights
-    zeroed, loadable into ``models.build(arch)``) and ``masks.pt`` (``bip_fast.masks.save_masks``)."""
+    zeroed, loadable into ``models.build(arch)``) and ``masks.pt`` (``bip_fast.masks.save_masks``).
+    With ``compact``: also ``model_compact.pt2``, the model with its removed channels cut out
+    (:func:`bip_fast.compact`) saved by ``torch.export``; ``torch.export.load(path).module()``
+    loads it without bip_fast (batch size free, the dataset's image size)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: '{cfg.out}' exists and is not a directory")
@@ -105,4 +116,10 @@ def export_checkpoint(cfg: RunConfig, num_classes: Optional[int] = None) -> Dict
     save_masks(model, out / "masks.pt")
     plain = finalize(copy.deepcopy(model))
     ckpt.save_atomic(cpu_state(plain), out / "model_dense_format.pt")
-    return {"model": str(out / "model_dense_format.pt"), "masks": str(out / "masks.pt")}
+    rep = {"model": str(out / "model_dense_format.pt"), "masks": str(out / "masks.pt")}
+    if compact:
+        from ..compaction import export_compact
+
+        done = export_compact(model.cpu().eval(), example_input(cfg.data.dataset), out / "model_compact.pt2")
+        rep.update(compact=done["path"], compact_params=done["params"], params=done["masked_params"])
+    return rep

@@ -17,6 +17,7 @@ from torch import nn
 from ..files import checkpoint as ckpt
 from ..files import integrity
 from ..nn import masked_modules, sparsify
+from ..nn.norm import mask_norms
 from .checks import check_same_run
 from .hparams import RunConfig
 
@@ -30,7 +31,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 REWIND = "rewind.pt"  # pretrain: the dense weights at the start of epoch --rewind-epoch, for IMP
 RUN_FILES = (CHECKPOINT, METRICS, "config.yaml", "model.pt", "masks.pt", "results.json", REWIND)
-EXPORT_FILES = ("model_dense_format.pt", "masks.pt")
+EXPORT_FILES = ("model_dense_format.pt", "masks.pt", "model_compact.pt2")
 
 
 def check_out_dir(out, resume: bool, force: bool) -> Path:
@@ -134,6 +135,7 @@ def read_rewind_file(pretrained, rewind_epoch):
 def load_state_into(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, src) -> nn.Module:
     if any(k.endswith(".mask") or k.endswith(".scores") for k in sd) and not masked_modules(model):
         model = sparsify(model)
+    model = mask_norms(model, [k[: -len(".channel_mask")] for k in sd if k.endswith(".channel_mask")])
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:

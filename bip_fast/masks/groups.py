@@ -346,18 +346,10 @@ def attach_groups(model: nn.Module, example_inputs) -> ChannelGroups:
     """:func:`find_groups`, cached on ``model`` for ``structure="group"``; the BatchNorm layers of
     prunable groups become channel-masked in place (same parameters, buffers and state-dict keys
     plus ``channel_mask``). Call it once, before constructing the algorithm; returns the groups."""
-    from ..nn.convert import _swap
-    from ..nn.norm import MASKED_NORM_OF, to_masked_norm
+    from ..nn.norm import mask_norms
 
     groups = find_groups(model, example_inputs)
-    for g in groups:
-        if not g.prunable:
-            continue
-        for mem in g.members:
-            if mem.kind == "norm":
-                bn = model.get_submodule(mem.name)
-                if type(bn) in MASKED_NORM_OF:
-                    _swap(model, mem.name, to_masked_norm(bn))
+    mask_norms(model, [m.name for g in groups if g.prunable for m in g.members if m.kind == "norm"])
     object.__setattr__(model, GROUPS_ATTR, groups)
     return groups
 
