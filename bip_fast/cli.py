@@ -11,6 +11,10 @@ flags given on the command line override it. Examples::
     python -m bip_fast eval --checkpoint runs/bip90
     python -m bip_fast export --checkpoint runs/bip90 --out runs/bip90/export
 
+A training command (pretrain, prune, finetune) prints its plan as the first line on stdout before
+its first step: every segment (dense phase, pruning, finetuning) with its epochs and steps, and
+BiP's resolved score lr; its last line is the results as JSON.
+
 Bad input prints one line ``bip_fast: error: ...`` on stderr and exits with status 2; nothing is
 written in that case. A run folder that already holds a run is refused unless ``--resume`` (to
 continue it) or ``--force`` (to overwrite it). Under torchrun (WORLD_SIZE > 1) the process group
@@ -35,9 +39,13 @@ from .engine.setup import init_distributed_from_env
 __all__ = ["main", "build_parser"]
 
 _HELP = {
-    "pretrain": "train the dense model (method dense); writes model.pt",
+    "pretrain": "train the dense model (method dense; --epochs defaults to the dataset's dense schedule: "
+                "cifar10/cifar100 160, tiny-imagenet 200, imagenet 90); writes model.pt, and rewind.pt (the start "
+                "of --rewind-epoch) for IMP",
     "prune": "prune with --method bip|imp|omp|hydra|snip|grasp|synflow|gmp from --pretrained (or after a dense "
-             "phase; SNIP/GraSP/SynFlow prune the initialisation)",
+             "phase of --pretrain-epochs, by default the dataset's dense schedule: cifar10/cifar100 160 epochs, "
+             "tiny-imagenet 200, imagenet 90; SNIP/GraSP/SynFlow prune the initialisation). The first line "
+             "printed is the plan: every segment's epochs and steps",
     "finetune": "retrain --checkpoint's model under its fixed masks",
     "eval": "test accuracy and sparsity of --checkpoint",
     "export": "write --checkpoint as a plain PyTorch model (model_dense_format.pt) and masks.pt",
@@ -149,7 +157,7 @@ def _run(argv: Optional[List[str]]) -> int:
         if not cfg.resume:
             cfg = cfg.resolved()  # validate before touching anything
             check_out_dir(cfg.out, False, cfg.force)
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, announce=lambda line: print(line, flush=True))
         if cfg.resume:
             if trainer.cfg.command != cmd:
                 raise ValueError(f"resume: '{cfg.out}' holds a {trainer.cfg.command!r} run, not {cmd!r}")
