@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bip_fast
-from bip_fast.nn import MaskedMultiheadAttention
+from bip_fast.nn import MaskedLinear, MaskedMultiheadAttention, masked_modules, sparsify
 from bip_fast.ops import keep_count
 from bip_fast.pruning import IMP, OMP, SNIP, BiP, Dense, GraSP, Hydra, SynFlow
 from bip_fast.pruning.base import NonFiniteError
@@ -110,7 +110,8 @@ def token_batches(seed, n, b=16):
 CASES = {
     "dict": (DictNet, dict_loss, dict_batches),
     "two_input": (TwoInputNet, two_input_loss, two_input_batches),
-    "transformer": (TinyEncoder, token_loss, token_batches),
+    # the block's own MaskedMultiheadAttention, its MLP and head sparsified around it
+    "transformer": (lambda: sparsify(TinyEncoder()), token_loss, token_batches),
 }
 
 
@@ -204,7 +205,10 @@ def test_target_bip_prunes_a_dict_model():
 def test_transformer_learns_the_token_task():
     """BiP at 50% sparsity with compute_loss learns the token task (copy the first token)."""
     torch.manual_seed(0)
-    alg = BiP(TinyEncoder(), 0.5, lr=0.2, score_lr=39.1, compute_loss=token_loss, total_steps=100)
+    alg = BiP(sparsify(TinyEncoder()), 0.5, lr=0.2, score_lr=39.1, compute_loss=token_loss, total_steps=100)
+    kinds = {n: type(m) for n, m in masked_modules(alg.model)}
+    assert kinds == {"attn": MaskedMultiheadAttention, "attn.out_proj": MaskedLinear, "mlp.0": MaskedLinear,
+                     "mlp.2": MaskedLinear, "head": MaskedLinear}
     held = token_batches(99, 1)[0]
     with torch.no_grad():
         before = float(token_loss(alg.model.eval(), held))
