@@ -28,7 +28,7 @@ from torch import nn
 from .files.checkpoint import _check_path, _write_atomic
 from .masks.groups import Member, _discover, _plain_copy, call_model
 
-__all__ = ["compact", "export_compact"]
+__all__ = ["compact", "export_compact", "count_macs"]
 
 
 def _producer_zero(mod: nn.Module, mem: Member) -> torch.Tensor:
@@ -144,3 +144,32 @@ def export_compact(model: nn.Module, example_inputs, path, *, check: bool = True
     _write_atomic((buf.getbuffer(),), _check_path(path))  # temporary file, fsync, rename
     return {"path": str(path), "params": sum(p.numel() for p in small.parameters()),
             "masked_params": sum(p.numel() for n, p in model.named_parameters() if not n.endswith("scores"))}
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example_inputs) -> int:
+    """Multiply-accumulates of the conv and linear layers of one eval-mode forward on
+    ``example_inputs``, from the layers' shapes (a masked layer counts as dense)."""
+    total = [0]
+
+    def add(mod, inputs, out):
+        per_out = out.numel()
+        if isinstance(mod, nn.Linear):
+            total[0] += per_out * mod.in_features
+        else:
+            kernel = 1
+            for k in mod.kernel_size:
+                kernel *= k
+            total[0] += per_out * (mod.in_channels // mod.groups) * kernel
+
+    hooks = [m.register_forward_hook(add) for m in model.modules()  # a counting pass, not training
+             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not getattr(m, "transposed", False)]
+    was = model.training
+    model.eval()
+    try:
+        call_model(model, example_inputs)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return total[0]

@@ -17,6 +17,7 @@ measure faster.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -124,7 +125,9 @@ class CSRLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", linear.weight.detach().to_sparse_csr())
+        with warnings.catch_warnings():  # PyTorch notes that CSR support is "beta" on every conversion
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.register_buffer("weight", linear.weight.detach().to_sparse_csr())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -80,25 +80,13 @@ def _spatial(model: nn.Module, x) -> dict:
 
 
 def expected_macs(model: nn.Module, x) -> int:
-    """Multiply-accumulates of the compacted model's convs and linears, from the masks."""
+    """Multiply-accumulates per sample of the compacted model's convs and linears, from the masks."""
     sizes = _spatial(model, x)
     total = 0
     for name, (k_out, k_in) in kept_shapes(model).items():
         m = model.get_submodule(name)
         kernel = math.prod(m.weight.shape[2:]) if m.weight.dim() > 2 else 1
         total += sizes[name] * k_out * k_in * kernel
-    return total
-
-
-def macs(model: nn.Module, x) -> int:
-    """Multiply-accumulates of a plain model's convs and linears, from their shapes."""
-    sizes = _spatial(model, x)
-    total = 0
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            total += sizes[name] * m.out_channels * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-        elif isinstance(m, nn.Linear):
-            total += sizes[name] * m.out_features * m.in_features
     return total
 
 
@@ -144,5 +132,5 @@ def tv(name: str, **kw) -> nn.Module:
     return getattr(torchvision.models, name)(weights=None, **kw)
 
 
-__all__ = ["randomise_norms", "expected_params", "expected_macs", "macs", "plain_params", "bip_fast_modules",
+__all__ = ["randomise_norms", "expected_params", "expected_macs", "plain_params", "bip_fast_modules",
            "group_keep", "tv", "bip_fast"]
