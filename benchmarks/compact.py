@@ -18,7 +18,7 @@ dense/masked/compacted ms, latency_ratio = compacted / dense, masked_ratio, macs
 file_ratio), ``checkpoint`` (model, sparsity 0.9, bytes, size_ratio) and ``csr_linear``. Run it on
 a quiet machine (other processes change CPU timings):
 
-    python benchmarks/compact.py                       # full run, about 15-30 minutes
+    python benchmarks/compact.py                       # full run (a few minutes; not yet timed on a quiet machine)
     python benchmarks/compact.py --quick --json /tmp/c.json   # seconds: ResNet-20, tiny timing
 """
 
