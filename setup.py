@@ -10,7 +10,8 @@ Environment:
   BIP_FAST_SKIP_CUDA=1   skip only the CUDA extension
   BIP_FAST_CUDA_ARCHS    e.g. "9.0;8.0" (default "8.0;8.6;9.0"); "+PTX" suffix adds PTX
   MAX_JOBS / BIP_FAST_NVCC_THREADS   parallel compile jobs / nvcc --threads (default 4)
-Use: pip install -e . --no-build-isolation [-v]
+Use: pip install . --no-build-isolation [-v]     (a development checkout: pip install -e ...)
+     pip wheel . --no-build-isolation --no-deps   (a wheel for this torch; tests/test_install.py)
 """
 import glob
 import os
