@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -50,15 +50,17 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # environment
 # --------------------------------------------------------------------------------------------
-def git_commit(root: str = REPO_ROOT) -> Dict[str, Any]:
-    """{"commit": short hash or "unknown", "dirty": bool or None} of the working tree."""
+def git_commit(root: str = REPO_ROOT, exclude: Sequence[str] = ()) -> Dict[str, Any]:
+    """{"commit": short hash or "unknown", "dirty": bool or None} of the working tree (changes to
+    tracked files only; paths under ``exclude``, relative to ``root``, do not count)."""
     out: Dict[str, Any] = {"commit": "unknown", "dirty": None}
     try:
         out["commit"] = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip() or "unknown"
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
+            + [f":(exclude){p}" for p in exclude],
             cwd=root, capture_output=True, text=True, timeout=10, check=True,
         ).stdout
         out["dirty"] = bool(status.strip())

@@ -54,9 +54,18 @@ class Ctx:
             "rewind": max(1, round(REWIND_FRACTION * D)),
         }
         self.warmed: set = set()
+        self.code = code_version()
+        self.chosen: Dict[str, Dict[str, Any]] = {}  # tuned method -> its chosen configuration
+        self.calibration: Optional[Dict[str, Any]] = None
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def code_version() -> Dict[str, Any]:
+    """{"commit", "dirty"} of the code: changes under benchmarks/results/ (the results being
+    written) do not make the tree dirty."""
+    return C.git_commit(exclude=("benchmarks/results",))
 
 
 def _build(arch: str) -> torch.nn.Module:
@@ -81,16 +90,26 @@ def _loader(ctx: Ctx, seed: int, bilevel: bool):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, ctx: Ctx) -> float:
-    was = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
+def _accuracy(model: torch.nn.Module, loader, device: torch.device) -> float:
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
-    for x, y in ctx.data.test_loader(500):
+    for x, y in loader:
         correct += (model(x).argmax(1) == y).sum()
         n += y.shape[0]
-    model.train(was)
     return float(correct) / n
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ctx: Ctx) -> Dict[str, float]:
+    """{"test_acc"} and, where the preset holds out a validation split, {"val_acc"}: the
+    validation accuracy decides, the test accuracy only reports."""
+    was = model.training
+    model.eval()
+    out = {"test_acc": _accuracy(model, ctx.data.test_loader(500), ctx.device)}
+    if ctx.data.val_x is not None:
+        out["val_acc"] = _accuracy(model, ctx.data.val_loader(500), ctx.device)
+    model.train(was)
+    return out
 
 
 def _timed_steps(alg, batches, n: int, bilevel: bool, device: torch.device) -> float:
@@ -126,19 +145,36 @@ def eval_points(total: int, n: Optional[int]) -> List[int]:
     return sorted({max(1, round(total * (i + 1) / n)) for i in range(n)})
 
 
+class MixedCode(Exception):
+    """A run, checkpoint or cached model was made by another version of the code."""
+
+
+def check_code(ctx: Ctx, code: Optional[Dict[str, Any]], what: str) -> None:
+    """Refuse to continue from or reuse ``what`` made at another commit (or from a dirty tree)
+    unless ``--allow-mixed-commits``: the results of one benchmark come from one version."""
+    if getattr(ctx.args, "allow_mixed_commits", False) or code == ctx.code:
+        return
+    raise MixedCode(f"{what} was made by code {code or 'of unknown version'}, this is {ctx.code}; rerun "
+                    f"without --resume (or with another --out), or pass --allow-mixed-commits to mix them")
+
+
 def execute(ctx: Ctx, run_id: str, alg, segments: List[Segment], seed: int, bilevel: bool,
-            extra: Optional[Dict[str, Any]] = None, eval_at: Sequence[int] = ()) -> Dict[str, Any]:
+            extra: Optional[Dict[str, Any]] = None, eval_at: Sequence[int] = (),
+            until: Optional[int] = None) -> Dict[str, Any]:
     """Train ``alg`` through ``segments`` (resumable); returns {"train_seconds", "records", "curve", ...}.
 
-    ``eval_at``: step counts (over all segments) after which the model is evaluated on the test
-    split; each evaluation appends {"step", "train_seconds", "test_acc"} to ``state["curve"]``
-    (evaluation time is not training time)."""
+    ``eval_at``: step counts (over all segments) after which the model is evaluated (validation
+    and test splits); each evaluation appends {"step", "train_seconds", "test_acc", "val_acc"}
+    to ``state["curve"]`` (evaluation time is not training time). ``until``: stop after that many
+    segments, keeping the checkpoint, so that a later call with the same ``run_id`` continues
+    (IMP's tuning runs its first rounds; the chosen configuration goes on from there)."""
     ck_path = os.path.join(ctx.ckpt_dir, f"{run_id}.pt")
     loader = _loader(ctx, seed, bilevel)
     state = {"seg": 0, "seg_step": 0, "step": 0, "train_seconds": 0.0, "records": [], "curve": [],
-             "extra": extra or {}}
+             "extra": extra or {}, "code": ctx.code}
     if os.path.exists(ck_path):
         saved = ckpt.load(ck_path, map_location=ctx.device)
+        check_code(ctx, saved["state"].get("code"), f"checkpoint {ck_path}")
         alg.load_state_dict(saved["alg"])
         loader.load_state_dict(saved["loader"])
         state = saved["state"]
@@ -149,7 +185,8 @@ def execute(ctx: Ctx, run_id: str, alg, segments: List[Segment], seed: int, bile
     def save():
         ckpt.save_atomic({"alg": alg.state_dict(), "loader": loader.state_dict(), "state": state}, ck_path)
 
-    while state["seg"] < len(segments):
+    stop_at = len(segments) if until is None else min(until, len(segments))
+    while state["seg"] < stop_at:
         seg = segments[state["seg"]]
         if state["seg_step"] == 0 and seg.enter is not None:
             seg.enter(alg, state)
@@ -163,7 +200,7 @@ def execute(ctx: Ctx, run_id: str, alg, segments: List[Segment], seed: int, bile
             state["step"] += n
             if state["step"] in pending:
                 state["curve"].append({"step": state["step"], "train_seconds": state["train_seconds"],
-                                       "test_acc": evaluate(alg.model, ctx)})
+                                       **evaluate(alg.model, ctx)})
             if state["seg_step"] < seg.steps:
                 save()
                 if ctx.out_of_time():
@@ -174,9 +211,9 @@ def execute(ctx: Ctx, run_id: str, alg, segments: List[Segment], seed: int, bile
         state["seg_step"] = 0
         if state["seg"] < len(segments):
             save()
-            if ctx.out_of_time():
+            if state["seg"] < stop_at and ctx.out_of_time():
                 raise Stop(run_id)
-    if os.path.exists(ck_path):
+    if state["seg"] == len(segments) and os.path.exists(ck_path):
         os.remove(ck_path)
     return state
 
@@ -193,6 +230,8 @@ def _warmup(ctx: Ctx, key: str, make: Callable[[], Any], bilevel: bool) -> None:
 
 
 def _save_result(ctx: Ctx, run_id: str, result: Dict[str, Any]) -> None:
+    """runs/<run_id>.json, atomically, with the code version (commit, dirty) that made it."""
+    result["code"] = ctx.code
     os.makedirs(ctx.runs_dir, exist_ok=True)
     tmp = _run_path(ctx, run_id) + ".tmp"
     with open(tmp, "w") as f:
@@ -204,5 +243,7 @@ def _load_result(ctx: Ctx, run_id: str) -> Optional[Dict[str, Any]]:
     p = _run_path(ctx, run_id)
     if os.path.exists(p):
         with open(p) as f:
-            return json.load(f)
+            done = json.load(f)
+        check_code(ctx, done.get("code"), f"run {p}")
+        return done
     return None

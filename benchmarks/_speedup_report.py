@@ -49,34 +49,44 @@ def convergence(dense_runs: Sequence[Dict[str, Any]], long_runs: Sequence[Dict[s
     """The dense start is converged when training longer does not pay.
 
     Criterion: a dense run with 50% more steps (1.5 D, the same cosine schedule stretched) gains
-    less than 0.5 accuracy points over the D-step run of the same seed, on the full test set
-    (mean over the seeds that have both runs; each seed's gain is recorded too).
+    less than 0.5 accuracy points over the D-step run of the same seed, on the validation split
+    (the full test set where the preset has none; mean over the seeds that have both runs; each
+    seed's gain is recorded too).
 
     Also recorded, as evidence but not as a criterion: the gain of the last quarter of each dense
     run, acc(D) - acc(0.75 D). Under a cosine schedule the last quarter is where the learning rate
     anneals (from 15% of its peak to 0), and annealing raises accuracy by a few points whether or
     not the schedule is long enough, so that gain measures the annealing, not convergence.
     """
+    key = decision_key(list(dense_runs) + list(long_runs))
     quarter = []
     for run in dense_runs:
         curve = run.get("curve") or []
         if len(curve) >= 2:
             end = curve[-1]
             ref = min(curve[:-1], key=lambda p: abs(p["step"] - 0.75 * end["step"]))
-            quarter.append(100.0 * (end["test_acc"] - ref["test_acc"]))
-    by_seed = {r["seed"]: r["test_acc"] for r in dense_runs}
-    longer = [100.0 * (r["test_acc"] - by_seed[r["seed"]]) for r in long_runs if r["seed"] in by_seed]
+            quarter.append(100.0 * (end[key] - ref[key]))
+
+    def gains(k):
+        by_seed = {r["seed"]: r[k] for r in dense_runs}
+        return [100.0 * (r[k] - by_seed[r["seed"]]) for r in long_runs if r["seed"] in by_seed]
+
+    longer = gains(key)
     q = statistics.mean(quarter) if quarter else None
     g = statistics.mean(longer) if longer else None
-    return {"converged": bool(g is not None and g < CONVERGENCE_POINTS),
+    split = "validation split" if key == "val_acc" else "full test set"
+    return {"converged": bool(g is not None and g < CONVERGENCE_POINTS), "decided_on": key,
             "criterion": f"1.5x the dense steps (same cosine schedule, stretched) gains < {CONVERGENCE_POINTS} "
-                         f"points on the full test set (mean over seeds)",
+                         f"points on the {split} (mean over seeds; every seed recorded)",
             "longer_training_gain_points": g, "longer_training_gain_per_seed": longer,
+            "longer_training_seeds": [r["seed"] for r in long_runs],
+            "longer_training_test_gain_per_seed": gains("test_acc"),
             "longer_training_factor": long_runs[0].get("factor") if long_runs else None,
             "last_quarter_gain_points": q, "last_quarter_gain_per_seed": quarter,
             "last_quarter_note": "evidence only: the last quarter of a cosine schedule is its annealing",
             "dense_curves": [{"seed": r["seed"], "curve": r.get("curve")} for r in dense_runs],
-            "long_runs": [{"seed": r["seed"], "test_acc": r["test_acc"], "steps": r.get("steps"),
+            "long_runs": [{"seed": r["seed"], "test_acc": r["test_acc"], "val_acc": r.get("val_acc"),
+                           "steps": r.get("steps"),
                            "curve": r.get("curve")} for r in long_runs]}
 
 
@@ -87,42 +97,99 @@ def _imp_at(results, rnd: int) -> List[Dict[str, Any]]:
     return [rec for res in results.get("imp", []) for rec in res["records"] if rec["round"] == rnd]
 
 
+def decision_key(points: Sequence[Dict[str, Any]]) -> str:
+    """The accuracy that decides: "val_acc" where every point has one, else "test_acc" (presets
+    without a validation split)."""
+    return "val_acc" if points and all(p.get("val_acc") is not None for p in points) else "test_acc"
+
+
 def mean_curve(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Pointwise mean over seeds of runs evaluated at the same steps (truncated to the shortest)."""
     curves = [r.get("curve") or [] for r in runs]
     n = min((len(c) for c in curves), default=0)
     out = []
     for i in range(n):
-        accs = [c[i]["test_acc"] for c in curves]
-        acc, std = mean_std(accs)
-        out.append({"step": curves[0][i]["step"], "train_seconds": statistics.mean(c[i]["train_seconds"] for c in curves),
-                    "test_acc": acc, "test_acc_std": std})
+        pts = [c[i] for c in curves]
+        p = {"step": pts[0]["step"], "train_seconds": statistics.mean(q["train_seconds"] for q in pts)}
+        for key in ("test_acc", "val_acc"):
+            if all(q.get(key) is not None for q in pts):
+                p[key], p[key + "_std"] = mean_std([q[key] for q in pts])
+        out.append(p)
     return out
 
 
-def time_to_accuracy(curve: Sequence[Dict[str, Any]], threshold: float) -> Tuple[Optional[float], Optional[int]]:
-    """Training seconds at the first point of ``curve`` whose mean accuracy reaches ``threshold``."""
+def time_to_accuracy(curve: Sequence[Dict[str, Any]], threshold: float,
+                     key: str = "test_acc") -> Optional[Dict[str, Any]]:
+    """The first point of ``curve`` whose mean ``key`` accuracy reaches ``threshold`` (None: never)."""
     for p in curve:
-        if p["test_acc"] >= threshold:
-            return p["train_seconds"], p["step"]
-    return None, None
+        if p[key] >= threshold:
+            return p
+    return None
 
 
-def aggregate(results: Dict[str, List[Dict[str, Any]]], methods: Sequence[str]) -> List[Dict[str, Any]]:
-    """One row per (target, method): fixed-budget accuracy and time, plus time to IMP's accuracy."""
+# --------------------------------------------------------------------------------------------
+# calibrated cost: per-step seconds measured side by side (interleaved, one process) x steps
+# --------------------------------------------------------------------------------------------
+def cost_at(calib: Optional[Dict[str, Any]], method: str, step: int) -> Optional[float]:
+    """Calibrated seconds of ``method`` after ``step`` training steps (IMP: steps over all its
+    rounds; Hydra: score steps, then finetuning steps; at-init methods: plus their cut)."""
+    if not calib:
+        return None
+    s = calib["s_per_step"]
+    if method == "hydra":
+        if "hydra_score" not in s or "hydra_finetune" not in s:
+            return None
+        n = calib["hydra_score_steps"]
+        return s["hydra_score"] * min(step, n) + s["hydra_finetune"] * max(0, step - n)
+    if method not in s:
+        return None
+    return s[method] * step + calib.get("cut_seconds", {}).get(method, 0.0)
+
+
+def control(calib: Optional[Dict[str, Any]], wall: Dict[str, float], limit: float = 0.05) -> Dict[str, Any]:
+    """The same SGD step (dense pretraining, an IMP round, OMP's retraining) must cost the same in
+    both accountings: max/min - 1 of the three per-step times, calibrated and wall-clock."""
+    def spread(d):
+        v = [x for x in d.values() if x]
+        return (max(v) / min(v) - 1.0) if len(v) > 1 else None
+
+    cal = {k: calib["s_per_step"][k] for k in ("dense", "imp", "omp") if calib and k in calib["s_per_step"]}
+    d_cal, d_wall = spread(cal), spread(wall)
+    return {"s_per_step": cal, "max_rel_diff": d_cal, "wall_s_per_step": wall, "wall_max_rel_diff": d_wall,
+            "limit": limit, "calibrated_agree": None if d_cal is None else d_cal <= limit,
+            "wall_agree": None if d_wall is None else d_wall <= limit}
+
+
+def aggregate(results: Dict[str, List[Dict[str, Any]]], methods: Sequence[str],
+              calib: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """One row per (target, method): fixed-budget accuracy and time, plus time to IMP's accuracy.
+
+    IMP's accuracy is its mean validation accuracy at the target (the test accuracy where the
+    preset has no validation split); a method reaches it at the first evaluation point whose mean
+    (over seeds) reaches it, and its test accuracy is reported at that point. Time is counted
+    twice: the calibrated cost (``calib``'s per-step seconds x steps) and the wall clock of the
+    runs; the headline speedups use the calibrated cost when there is one."""
     rows: List[Dict[str, Any]] = []
     for rnd in TARGET_ROUNDS:
         target = target_sparsity(rnd)
         imp = _imp_at(results, rnd)
-        imp_acc = imp_std = imp_sec = None
+        key = decision_key(imp)
+        imp_acc = imp_sec = imp_cost = None
         if imp:
             imp_acc, imp_std = mean_std([x["test_acc"] for x in imp])
             imp_sec = statistics.mean(x["cum_train_seconds"] for x in imp)
-            rows.append({"method": "imp", "schedule": f"{rnd} rounds", "target_sparsity": target,
-                         "sparsity": statistics.mean(x["sparsity"] for x in imp), "test_acc": imp_acc,
-                         "test_acc_std": imp_std, "test_acc_per_seed": [x["test_acc"] for x in imp],
-                         "n_seeds": len(imp), "train_seconds": imp_sec, "imp_time_ratio": 1.0})
-        threshold = None if imp_acc is None else imp_acc - (imp_std or 0.0)
+            steps = [x.get("cum_steps") for x in imp]
+            imp_cost = cost_at(calib, "imp", statistics.mean(steps)) if None not in steps else None
+            row = {"method": "imp", "schedule": f"{rnd} rounds", "target_sparsity": target,
+                   "sparsity": statistics.mean(x["sparsity"] for x in imp), "test_acc": imp_acc,
+                   "test_acc_std": imp_std, "test_acc_per_seed": [x["test_acc"] for x in imp],
+                   "n_seeds": len(imp), "train_seconds": imp_sec, "cost_seconds": imp_cost, "imp_time_ratio": 1.0,
+                   "decided_on": key}
+            if key == "val_acc":
+                row["val_acc"], row["val_acc_std"] = mean_std([x["val_acc"] for x in imp])
+                row["val_acc_per_seed"] = [x["val_acc"] for x in imp]
+            rows.append(row)
+            threshold = row[key] if key == "val_acc" else imp_acc
         for m in methods:
             if m == "imp":
                 continue
@@ -131,19 +198,35 @@ def aggregate(results: Dict[str, List[Dict[str, Any]]], methods: Sequence[str]) 
                 continue
             acc, std = mean_std([x["test_acc"] for x in got])
             sec = statistics.mean(x["train_seconds"] for x in got)
+            cost = cost_at(calib, m, statistics.mean(x["steps"] for x in got))
             curve = mean_curve(got)
+            for p in curve:
+                p["cost_seconds"] = cost_at(calib, m, p["step"])
             row = {"method": m, "schedule": SCHEDULES.get(m, m), "target_sparsity": target,
                    "sparsity": statistics.mean(x["sparsity"] for x in got), "test_acc": acc, "test_acc_std": std,
                    "test_acc_per_seed": [x["test_acc"] for x in got], "n_seeds": len(got),
-                   "train_seconds": sec, "imp_time_ratio": (imp_sec / sec) if imp_sec else None,
-                   "curve": curve, "imp_accuracy_threshold": threshold}
-            if threshold is not None:
-                t, step = time_to_accuracy(curve, threshold)
-                row["seconds_to_imp_accuracy"] = t
-                row["steps_to_imp_accuracy"] = step
-                row["speedup_at_imp_accuracy"] = (imp_sec / t) if t else None
-                best = max((p["test_acc"] for p in curve), default=acc)
-                row["gap_to_imp_accuracy"] = None if t is not None else threshold - best
+                   "train_seconds": sec, "cost_seconds": cost,
+                   "imp_time_ratio": (imp_sec / sec) if imp_sec else None,
+                   "imp_cost_ratio": (imp_cost / cost) if imp_cost and cost else None,
+                   "curve": curve, "hparams": got[0].get("hparams")}
+            if all(x.get("val_acc") is not None for x in got):
+                row["val_acc"], row["val_acc_std"] = mean_std([x["val_acc"] for x in got])
+                row["val_acc_per_seed"] = [x["val_acc"] for x in got]
+            if imp:
+                ckey = key if all(key in p for p in curve) else "test_acc"
+                hit = time_to_accuracy(curve, threshold, ckey)
+                row.update(imp_accuracy_threshold=threshold, decided_on=ckey)
+                row["steps_to_imp_accuracy"] = None if hit is None else hit["step"]
+                row["wall_seconds_to_imp_accuracy"] = None if hit is None else hit["train_seconds"]
+                row["cost_seconds_to_imp_accuracy"] = None if hit is None else hit["cost_seconds"]
+                row["test_acc_at_imp_accuracy"] = None if hit is None else hit["test_acc"]
+                row["wall_speedup_at_imp_accuracy"] = None if hit is None else imp_sec / hit["train_seconds"]
+                row["cost_speedup_at_imp_accuracy"] = (None if hit is None or not imp_cost or not hit["cost_seconds"]
+                                                       else imp_cost / hit["cost_seconds"])
+                row["speedup_at_imp_accuracy"] = (row["cost_speedup_at_imp_accuracy"] if calib
+                                                  else row["wall_speedup_at_imp_accuracy"])
+                best = max((p[ckey] for p in curve), default=acc)
+                row["gap_to_imp_accuracy"] = None if hit is not None else threshold - best
             rows.append(row)
     return rows
 
@@ -173,7 +256,9 @@ def verdicts(rows: List[Dict[str, Any]], methods: Sequence[str]) -> List[Dict[st
                 acc_v = "worse by more than one std"
             need = SPEEDUP_TARGETS.get(rnd)
             eq = b.get("speedup_at_imp_accuracy")
-            out.append({"target_sparsity": t, "method": m, "fixed_budget_speedup": b["imp_time_ratio"],
+            fixed = b["imp_cost_ratio"] if b.get("imp_cost_ratio") is not None else b["imp_time_ratio"]
+            out.append({"target_sparsity": t, "method": m, "fixed_budget_speedup": fixed,
+                        "wall_fixed_budget_speedup": b["imp_time_ratio"],
                         "speedup_at_imp_accuracy": eq, "speedup_target": need,
                         "speedup_passed": None if need is None else bool(eq is not None and eq >= need),
                         "acc_delta": b["test_acc"] - imp["test_acc"], "imp_acc_std": std,
@@ -219,24 +304,56 @@ def _pct(x: Optional[float], std: Optional[float] = None) -> str:
 
 
 def table(rows: List[Dict[str, Any]], dense: Dict[str, Any]) -> str:
-    head = ["target sparsity", "method", "schedule", "sparsity", "seeds", "test acc % (mean ± std)", "train s",
-            "IMP time / time (fixed budget)", "s to IMP acc", "speedup at IMP acc"]
+    """Markdown table: accuracy (validation, test), cost (calibrated s, wall s), the fixed-budget
+    cost ratio against IMP and the cost to reach IMP's accuracy (with the test accuracy there)."""
+    head = ["target sparsity", "method", "schedule", "sparsity", "seeds", "val acc %", "test acc % (mean ± std)",
+            "cost s", "wall s", "IMP cost / cost (fixed budget)", "cost s to IMP val acc (test acc % there)",
+            "speedup at IMP acc"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines.append(f"| 0% | dense (start of all) | {dense['epochs']} epochs | 0.0000 | {len(dense.get('acc_per_seed', []))} | "
-                 f"{_pct(dense['acc'], dense.get('acc_std'))} | {dense['seconds']:.1f} (not counted) | | | |")
+                 f"{_pct(dense.get('val_acc'), dense.get('val_acc_std'))} | {_pct(dense['acc'], dense.get('acc_std'))} | "
+                 f"| {dense['seconds']:.1f} (not counted) | | | |")
+
+    def sec(x):
+        return "n/a" if x is None else f"{x:.1f}"
+
     for r in rows:
-        ratio = "" if r["imp_time_ratio"] is None or r["method"] == "imp" else f"{r['imp_time_ratio']:.2f}x"
-        if r["method"] == "imp" or "seconds_to_imp_accuracy" not in r:
+        fixed = r.get("imp_cost_ratio") if r.get("imp_cost_ratio") is not None else r["imp_time_ratio"]
+        ratio = "" if fixed is None or r["method"] == "imp" else f"{fixed:.2f}x"
+        if r["method"] == "imp" or "steps_to_imp_accuracy" not in r:
             tta = eq = ""
-        elif r["seconds_to_imp_accuracy"] is None:
+        elif r["steps_to_imp_accuracy"] is None:
             tta, eq = f"never ({100 * r['gap_to_imp_accuracy']:.2f} short)", "-"
         else:
-            tta, eq = f"{r['seconds_to_imp_accuracy']:.1f}", f"{r['speedup_at_imp_accuracy']:.2f}x"
+            t = r["cost_seconds_to_imp_accuracy"]
+            t = r["wall_seconds_to_imp_accuracy"] if t is None else t
+            tta = f"{t:.1f} ({100 * r['test_acc_at_imp_accuracy']:.2f})"
+            eq = "n/a" if r["speedup_at_imp_accuracy"] is None else f"{r['speedup_at_imp_accuracy']:.2f}x"
         lines.append(f"| {100 * r['target_sparsity']:.1f}% | {label(r['method'])} | {r['schedule']} | "
-                     f"{r['sparsity']:.4f} | {r['n_seeds']} | {_pct(r['test_acc'], r['test_acc_std'])} | "
-                     f"{r['train_seconds']:.1f} | "
-                     f"{ratio} | {tta} | {eq} |")
+                     f"{r['sparsity']:.4f} | {r['n_seeds']} | {_pct(r.get('val_acc'), r.get('val_acc_std'))} | "
+                     f"{_pct(r['test_acc'], r['test_acc_std'])} | {sec(r.get('cost_seconds'))} | "
+                     f"{r['train_seconds']:.1f} | {ratio} | {tta} | {eq} |")
     return "\n".join(lines)
+
+
+def tuning_table(tuning: Dict[str, Any]) -> str:
+    """Markdown table of the tuning grid: every configuration tried, its validation accuracy, the choice."""
+    lines = ["| method | configuration | val acc % | test acc % | chosen |", "|---|---|---|---|---|"]
+    for m, t in tuning.items():
+        if t.get("shares"):
+            lines.append(f"| {label(m)} | {_cfg(t['chosen'])} (the choice of {label(t['shares'])}) | | | yes |")
+            continue
+        if not t.get("configs"):
+            lines.append(f"| {label(m)} | {_cfg(t['chosen'])} (not tuned) | | | yes |")
+            continue
+        for c in t["configs"]:
+            lines.append(f"| {label(m)} | {_cfg(c['config'])} | {_pct(c['val_acc'])} | {_pct(c['test_acc'])} | "
+                         f"{'yes' if c['config'] == t['chosen'] else ''} |")
+    return "\n".join(lines)
+
+
+def _cfg(c: Dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items())
 
 
 def tickets_table(tickets: Dict[str, Any], dense_acc: float) -> str:
@@ -305,27 +422,30 @@ def plots(out_dir: str, rows, results, dense: Dict[str, Any], title: str, method
         plt.close(fig)
         paths.append(p)
 
-    # accuracy against training time, one panel per target sparsity
+    # accuracy against training cost (calibrated where measured), one panel per target sparsity;
+    # the accuracy that decides (validation where the preset has it) against IMP's mean
     fig, axes = plt.subplots(1, len(TARGET_ROUNDS), figsize=(4.2 * len(TARGET_ROUNDS), 4.0), squeeze=False)
     for ax, rnd in zip(axes[0], TARGET_ROUNDS):
         t = target_sparsity(rnd)
-        sub = [p for p in imp_pts if p[0] <= t + 1e-3]
-        if sub:
-            ax.plot([p[3] for p in sub], [100 * p[1] for p in sub], "o-", color="k", label="IMP rounds")
+        imp_row = next((x for x in rows if x["method"] == "imp" and abs(x["target_sparsity"] - t) < 1e-9), None)
+        key = imp_row["decided_on"] if imp_row is not None else "test_acc"
+        cal = imp_row is not None and imp_row.get("cost_seconds") is not None
+        xkey = "cost_seconds" if cal else "train_seconds"
+        imp_rows = [x for x in rows if x["method"] == "imp" and x["target_sparsity"] <= t + 1e-9]
+        if imp_rows:
+            ax.plot([x["cost_seconds" if cal else "train_seconds"] for x in imp_rows],
+                    [100 * x[key] for x in imp_rows], "o-", color="k", label="IMP (targets)")
         for m in others:
             r = next((x for x in rows if x["method"] == m and abs(x["target_sparsity"] - t) < 1e-9), None)
-            if r is None or not r.get("curve"):
+            if r is None or not r.get("curve") or not all(p.get(xkey) is not None and key in p for p in r["curve"]):
                 continue
-            ax.plot([p["train_seconds"] for p in r["curve"]], [100 * p["test_acc"] for p in r["curve"]], ".-",
-                    label=label(m))
-        imp_row = next((x for x in rows if x["method"] == "imp" and abs(x["target_sparsity"] - t) < 1e-9), None)
+            ax.plot([p[xkey] for p in r["curve"]], [100 * p[key] for p in r["curve"]], ".-", label=label(m))
         if imp_row is not None:
-            thr = imp_row["test_acc"] - (imp_row["test_acc_std"] or 0.0)
-            ax.axhline(100 * thr, color="k", ls=":", lw=1, label="IMP mean - std")
+            ax.axhline(100 * imp_row[key], color="k", ls=":", lw=1, label="IMP mean")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("training time (s, log scale)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_xlabel(("calibrated cost" if cal else "training time") + " (s, log scale)")
+        ax.set_ylabel(("validation" if key == "val_acc" else "test") + " accuracy (%)")
         ax.set_title(f"{100 * t:.1f}% sparsity", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)

@@ -4,7 +4,6 @@ the set-up of a run's output folder, data and context."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -17,18 +16,20 @@ import torch
 
 try:  # imported as part of a package (python -m benchmarks.speedup)
     from . import _common as C
-    from ._speedup_loop import Ctx, Segment, _build, _load_result, _save_result, _warmup, eval_points, evaluate, execute
-    from ._speedup_presets import AT_INIT, BIP_CONFIGS, IMP_RATE, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS
+    from ._speedup_loop import (Ctx, Segment, _build, _load_result, _save_result, _warmup, check_code, eval_points,
+                                evaluate, execute)
+    from ._speedup_presets import (AT_INIT, BASE_HPARAMS, BIP_CONFIGS, IMP_RATE, PAPER_HYDRA_SCORE_STEPS, PRESETS,
+                                   SCORE_SAMPLES, TARGET_ROUNDS)
 except ImportError:  # run as a script, or loaded from its file path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common as C  # type: ignore[no-redef]
     from _speedup_loop import (  # type: ignore[no-redef]
-        Ctx, Segment, _build, _load_result, _save_result, _warmup, eval_points, evaluate, execute)
+        Ctx, Segment, _build, _load_result, _save_result, _warmup, check_code, eval_points, evaluate, execute)
     from _speedup_presets import (  # type: ignore[no-redef]
-        AT_INIT, BIP_CONFIGS, IMP_RATE, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS)
+        AT_INIT, BASE_HPARAMS, BIP_CONFIGS, IMP_RATE, PAPER_HYDRA_SCORE_STEPS, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS)
 
 import bip_fast
-from bip_fast.data import load_dataset
+from bip_fast.data import eval_loader, load_dataset, subset_indices
 from bip_fast.files import checkpoint as ckpt
 from bip_fast.pruning import get_algorithm
 from bip_fast.pruning.bip import scaled_score_lr
@@ -42,8 +43,8 @@ def pretrain_key(ctx: Ctx, seed: int, factor: float = 1.0) -> Dict[str, Any]:
     key = {"arch": c["arch"], "train_subset": c["train_subset"], "test_subset": c["test_subset"],
            "dense_steps": round(factor * ctx.D), "batch_size": c["batch_size"], "lr": 0.1, "weight_decay": 5e-4,
            "momentum": 0.9, "rewind_step": ctx.steps["rewind"], "seed": seed, "device": ctx.device.type,
-           "data_seed": 0, "format": 1}
-    for k in ("eval_points", "augment"):
+           "data_seed": 0, "format": 2}
+    for k in ("eval_points", "augment", "val"):
         if k in c:
             key[k] = c[k]
     return key
@@ -61,29 +62,45 @@ def pretrain(ctx: Ctx, seed: int, factor: float = 1.0) -> Dict[str, Any]:
     what = "dense pretraining" if factor == 1.0 else f"dense training x{factor:g} (convergence check)"
     if os.path.exists(path):
         obj = ckpt.load(path, map_location=ctx.device)
-        C.log(f"[speedup] {what} seed {seed}: cached {path}")
-        return obj
+        if getattr(ctx.args, "allow_mixed_commits", False) or obj.get("code") == ctx.code:
+            C.log(f"[speedup] {what} seed {seed}: cached {path}")
+            return obj
+        C.log(f"[speedup] {what} seed {seed}: cached {path} was made by code {obj.get('code')}, retraining")
     steps = key["dense_steps"]
     torch.manual_seed(seed)
-    model = _build(ctx.cfg["arch"]).to(ctx.device)
-    alg = bip_fast.Dense(model, lr=0.1, momentum=0.9, weight_decay=5e-4, total_steps=steps)
-    _warmup(ctx, "dense", lambda: bip_fast.Dense(copy.deepcopy(model), total_steps=steps), False)
+    alg = dense_algorithm(ctx, _build(ctx.cfg["arch"]).to(ctx.device), steps)
+    _warmup(ctx, "dense", lambda: dense_algorithm(ctx, _build(ctx.cfg["arch"]).to(ctx.device), steps), False)
     run_id = f"pretrain-{h}"
 
     def snap(a, state):
-        state["extra"]["rewind"] = {k: v.detach().clone() for k, v in a.model.state_dict().items()}
+        state["extra"]["rewind"] = _plain_state(a.model)
 
     segs = [Segment("dense_to_rewind", ctx.steps["rewind"], end=snap),
             Segment("dense", steps - ctx.steps["rewind"])]
     C.log(f"[speedup] {what} seed {seed}: {steps} steps")
     state = execute(ctx, run_id, alg, segs, seed, False, eval_at=eval_points(steps, ctx.cfg.get("eval_points")))
     obj = {"key": key, "seed": seed, "factor": factor, "steps": steps,
-           "final": {k: v.detach().clone() for k, v in alg.model.state_dict().items()},
+           "final": _plain_state(alg.model),
            "rewind": state["extra"]["rewind"], "test_acc": state["curve"][-1]["test_acc"],
-           "curve": state["curve"], "train_seconds": state["train_seconds"]}
+           "val_acc": state["curve"][-1].get("val_acc"), "curve": state["curve"],
+           "train_seconds": state["train_seconds"], "code": ctx.code}
     C.log(f"[speedup] {what} seed {seed}: acc {obj['test_acc']:.4f} {obj['train_seconds']:.1f}s")
     ckpt.save_atomic(obj, path)
     return obj
+
+
+def dense_algorithm(ctx: Ctx, model: torch.nn.Module, steps: int):
+    """Dense SGD (lr 0.1, wd 5e-4, cosine over ``steps``) through masked layers whose masks keep
+    everything: the very step of an IMP round or OMP's retraining (the same mask multiply and
+    masked gradient), so that the dense run, IMP and OMP do the same work per step. With every
+    mask True the arithmetic is that of the plain layers."""
+    return bip_fast.Dense(bip_fast.sparsify(model), lr=0.1, momentum=0.9, weight_decay=5e-4, total_steps=steps)
+
+
+def _plain_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's state without masks and scores (loads into the plain architecture)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if not (k.endswith(".mask") or k.endswith(".scores"))}
 
 
 def _model_from(ctx: Ctx, sd: Dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -102,8 +119,32 @@ def _load_plain(model: torch.nn.Module, sd: Dict[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------------------------
 # methods
 # --------------------------------------------------------------------------------------------
-def run_imp(ctx: Ctx, seed: int, pre: Dict[str, Any]) -> Dict[str, Any]:
-    run_id = f"imp-seed{seed}"
+def config_tag(hp: Dict[str, Any]) -> str:
+    """Short stable name of a configuration (part of a run's id)."""
+    return hashlib.sha256(json.dumps(hp, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def hparams(ctx: Ctx, method: str, config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The resolved constructor hyper-parameters of ``method``: its base settings, then the tuned
+    choice (``ctx.chosen``) or an explicit ``config`` (a point of its grid), with "scaled" score
+    learning rates resolved to numbers."""
+    st = ctx.steps
+    hp = dict(BIP_CONFIGS[method]) if method in BIP_CONFIGS else dict(BASE_HPARAMS.get(method, {}))
+    hp.update(ctx.chosen.get(method, {}) if config is None else config)
+    if method in BIP_CONFIGS and hp.get("score_lr") in (None, "scaled"):
+        hp["score_lr"] = scaled_score_lr(st["bip"])
+    if method == "hydra" and hp.get("score_lr") == "scaled":
+        hp["score_lr"] = 0.1 * PAPER_HYDRA_SCORE_STEPS / st["hydra_score"]
+    return hp
+
+
+def run_imp(ctx: Ctx, seed: int, pre: Dict[str, Any], hp: Optional[Dict[str, Any]] = None,
+            until_round: Optional[int] = None) -> Dict[str, Any]:
+    """IMP's rounds 1..9 from the dense run of ``seed`` (pruned from its final weights, rewound
+    to its early ones). ``until_round``: stop after that round, keeping the checkpoint (tuning);
+    returns {"records", ...} of the rounds done so far."""
+    hp = hp or hparams(ctx, "imp")
+    run_id = f"imp-seed{seed}-{config_tag(hp)}"
     done = _load_result(ctx, run_id)
     if done is not None:
         return done
@@ -111,8 +152,8 @@ def run_imp(ctx: Ctx, seed: int, pre: Dict[str, Any]) -> Dict[str, Any]:
     D = ctx.steps["imp_round"]
 
     def make():
-        alg = bip_fast.IMP(_model_from(ctx, pre["rewind"]), rate=IMP_RATE, rewind_step=0, lr=0.1, momentum=0.9,
-                           weight_decay=5e-4, total_steps=D)
+        alg = bip_fast.IMP(_model_from(ctx, pre["rewind"]), rate=IMP_RATE, rewind_step=0, momentum=0.9,
+                           total_steps=D, **hp)
         with torch.no_grad():
             _load_plain(alg.model, pre["final"])  # prune from the trained weights, rewind to the early ones
         return alg
@@ -129,51 +170,55 @@ def run_imp(ctx: Ctx, seed: int, pre: Dict[str, Any]) -> Dict[str, Any]:
         a.next_round()
 
     def end(a, state):
-        state["records"].append({"round": a.round, "sparsity": a.sparsity(), "test_acc": evaluate(a.model, ctx),
-                                 "cum_train_seconds": state["train_seconds"]})
+        state["records"].append({"round": a.round, "sparsity": a.sparsity(), **evaluate(a.model, ctx),
+                                 "cum_train_seconds": state["train_seconds"], "cum_steps": state["step"]})
         r = state["records"][-1]
         C.log(f"[speedup] IMP seed {seed} round {r['round']}: sparsity {r['sparsity']:.4f} acc {r['test_acc']:.4f} "
               f"cum {r['cum_train_seconds']:.1f}s")
 
     segs = [Segment(f"round{r}", D, enter=enter, end=end) for r in range(1, rounds + 1)]
-    state = execute(ctx, run_id, alg, segs, seed, False)
-    result = {"method": "imp", "seed": seed, "records": state["records"], "train_seconds": state["train_seconds"]}
-    _save_result(ctx, run_id, result)
+    state = execute(ctx, run_id, alg, segs, seed, False, until=until_round)
+    result = {"method": "imp", "seed": seed, "records": state["records"], "train_seconds": state["train_seconds"],
+              "hparams": hp, "steps_per_round": D, "code": ctx.code}
+    if len(state["records"]) == rounds:
+        _save_result(ctx, run_id, result)
     return result
 
 
-def bip_kwargs(method: str, steps: int) -> Dict[str, Any]:
-    """BiP constructor arguments of a BiP method of this benchmark (``steps`` = its schedule length),
-    with the score learning rate resolved as BiP resolves ``score_lr=None``."""
-    kw = dict(BIP_CONFIGS[method])
-    if "score_lr" in kw and kw["score_lr"] is None:
-        kw["score_lr"] = scaled_score_lr(steps)
-    return kw
-
-
 def make_algorithm(ctx: Ctx, method: str, model: torch.nn.Module, sparsity: float,
-                   overrides: Optional[Dict[str, Any]] = None):
-    """The algorithm object of a one-shot ``method`` at ``sparsity`` with this preset's schedule."""
+                   hp: Optional[Dict[str, Any]] = None):
+    """The algorithm object of a one-shot ``method`` at ``sparsity`` with this preset's schedule
+    and the hyper-parameters ``hp`` (default: ``hparams(ctx, method)``)."""
     st = ctx.steps
+    hp = hparams(ctx, method) if hp is None else hp
     if method in BIP_CONFIGS:
-        kw = dict(bip_kwargs(method, st["bip"]), momentum=0.9, total_steps=st["bip"])
-        kw.update(overrides or {})
-        return bip_fast.BiP(model, sparsity, **kw)
+        return bip_fast.BiP(model, sparsity, **dict({"momentum": 0.9, "total_steps": st["bip"]}, **hp))
     if method == "omp":
-        return bip_fast.OMP(model, sparsity, lr=0.1, momentum=0.9, weight_decay=5e-4, total_steps=st["omp"])
+        return bip_fast.OMP(model, sparsity, momentum=0.9, total_steps=st["omp"], **hp)
     if method == "hydra":
-        return bip_fast.Hydra(model, sparsity, score_lr=0.1, lr=0.01, momentum=0.9, weight_decay=5e-4,
-                              total_steps=st["hydra_score"], finetune_steps=st["hydra_finetune"])
-    common = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, total_steps=st["omp"])
+        return bip_fast.Hydra(model, sparsity, momentum=0.9, score_weight_decay=hp["weight_decay"],
+                              total_steps=st["hydra_score"], finetune_steps=st["hydra_finetune"], **hp)
     if method == "gmp":
         # cubic ramp over the first half of the schedule, ~10 pruning events, then finetuning
-        return bip_fast.GMP(model, sparsity, prune_every=max(1, st["omp"] // 20), **common)
+        return bip_fast.GMP(model, sparsity, prune_every=max(1, st["omp"] // 20), momentum=0.9,
+                            total_steps=st["omp"], **hp)
     if method in AT_INIT:
-        return get_algorithm(method)(model, sparsity, **common)
+        return get_algorithm(method)(model, sparsity, momentum=0.9, total_steps=st["omp"], **hp)
     raise ValueError(f"method: unknown method {method!r}")
 
 
-def method_segments(ctx: Ctx, method: str) -> List[Segment]:
+def score_batch(ctx: Ctx, method: str, seed: int):
+    """The batch an at-initialisation method scores on, drawn per seed: SNIP one random training
+    batch, GraSP a class-balanced batch (10 images per class), SynFlow one image (its shape)."""
+    n = SCORE_SAMPLES[method]
+    if method == "grasp":
+        d = ctx.data
+        idx = subset_indices(d.train_y, n, d.num_classes, seed=100 + seed)
+        return next(iter(eval_loader(d.train_x[idx], d.train_y[idx], n, mean=d.mean, std=d.std)))
+    return next(iter(ctx.data.train_loader(n, seed=100 + seed, augment=False)))
+
+
+def method_segments(ctx: Ctx, method: str, seed: int) -> List[Segment]:
     st = ctx.steps
     if method.startswith("bip"):
         return [Segment("bip", st["bip"])]
@@ -186,7 +231,7 @@ def method_segments(ctx: Ctx, method: str) -> List[Segment]:
         return [Segment("gmp", st["omp"])]
     if method in AT_INIT:
         def cut(alg, state):  # the scores and the cut count as training time
-            batch = next(iter(ctx.data.train_loader(SCORE_SAMPLES[method], seed=7, augment=False)))
+            batch = score_batch(ctx, method, seed)
             C.synchronize(ctx.device)
             t0 = time.perf_counter()
             alg.prepare([batch])
@@ -197,10 +242,13 @@ def method_segments(ctx: Ctx, method: str) -> List[Segment]:
 
 
 def run_one_shot(ctx: Ctx, method: str, target_round: int, seed: int, pre: Dict[str, Any],
-                 run_id: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
+                 hp: Optional[Dict[str, Any]] = None, run_id: Optional[str] = None,
                  segments: Optional[List[Segment]] = None) -> Dict[str, Any]:
+    """``method`` at the target sparsity of IMP's round ``target_round`` from the dense run of
+    ``seed``, with the hyper-parameters ``hp`` (default: the method's, tuned where it was)."""
     sparsity = 1.0 - (1.0 - IMP_RATE) ** target_round
-    run_id = run_id or f"{method}-r{target_round}-seed{seed}"
+    hp = hparams(ctx, method) if hp is None else hp
+    run_id = run_id or f"{method}-r{target_round}-seed{seed}-{config_tag(hp)}"
     done = _load_result(ctx, run_id)
     if done is not None:
         return done
@@ -212,26 +260,26 @@ def run_one_shot(ctx: Ctx, method: str, target_round: int, seed: int, pre: Dict[
             model = _build(ctx.cfg["arch"]).to(ctx.device)
         else:
             model = _model_from(ctx, pre["final"])
-        return make_algorithm(ctx, method, model, sparsity, overrides)
+        return make_algorithm(ctx, method, model, sparsity, hp)
 
     def make_warm():
         a = make()
         if method in AT_INIT:
-            a.prepare([next(iter(ctx.data.train_loader(SCORE_SAMPLES[method], seed=7, augment=False)))])
+            a.prepare([score_batch(ctx, method, seed)])
         return a
 
     _warmup(ctx, method, make_warm, bilevel)
     alg = make()
-    segs = segments or method_segments(ctx, method)
+    segs = segments or method_segments(ctx, method, seed)
     total = sum(s.steps for s in segs)
     C.log(f"[speedup] {run_id} sparsity {sparsity:.4f}: {total} steps")
     extra = {"initial_masks": [m.detach().clone() for m in alg.masks()]}
     state = execute(ctx, run_id, alg, segs, seed, bilevel, extra=extra,
                     eval_at=eval_points(total, ctx.cfg.get("eval_points")))
+    last = state["curve"][-1]
     result = {"method": method, "seed": seed, "target_round": target_round, "target_sparsity": sparsity,
-              "sparsity": alg.sparsity(), "test_acc": state["curve"][-1]["test_acc"],
-              "train_seconds": state["train_seconds"], "steps": total, "curve": state["curve"],
-              "overrides": overrides or {}}
+              "sparsity": alg.sparsity(), "test_acc": last["test_acc"], "val_acc": last.get("val_acc"),
+              "train_seconds": state["train_seconds"], "steps": total, "curve": state["curve"], "hparams": hp}
     if "initial_masks" in state["extra"]:
         result["mask_change"] = mask_change(state["extra"]["initial_masks"], alg.masks())
     C.log(f"[speedup] {run_id}: sparsity {result['sparsity']:.4f} "
@@ -266,12 +314,13 @@ def setup(args, cfg, device: torch.device):
     subset = None if cfg["train_subset"] is None and cfg["test_subset"] is None else (cfg["train_subset"],
                                                                                     cfg["test_subset"])
     try:
-        data = load_dataset("cifar10", data_dir=data_dir, device=device, subset=subset, seed=0)
+        data = load_dataset("cifar10", data_dir=data_dir, device=device, subset=subset, seed=0, val=cfg.get("val", 0))
     except FileNotFoundError as e:
         print(f"CIFAR-10 not found and not downloadable: {e}\nPoint --data-dir (or the BIP_FAST_DATA environment "
               f"variable) at a folder holding cifar-10-batches-py.", file=sys.stderr)
         return None, cfg, data_dir
     cfg["train_samples"], cfg["test_samples"] = int(data.train_x.shape[0]), int(data.test_x.shape[0])
+    cfg["val_samples"] = 0 if data.val_x is None else int(data.val_x.shape[0])
     ctx = Ctx(args, cfg, device, data)
     # Finished runs are reused by --resume only under the very same configuration.
     fingerprint = {k: cfg[k] for k in sorted(cfg)}

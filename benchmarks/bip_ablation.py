@@ -77,6 +77,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--allow-mixed-commits", action="store_true",
+                   help="with --resume: reuse rows and cached dense models made by another commit")
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished rows")
@@ -108,26 +110,32 @@ def main(argv: Optional[List[str]] = None) -> int:
                         continue
                 else:
                     steps = max(1, round(c["length"] * st["bip"]))
-                    ov = dict(c["overrides"], total_steps=steps)
-                    res = S.run_one_shot(ctx, c["method"], args.round, seed, pre, run_id=run_id,
-                                         overrides=ov, segments=[L.Segment("bip", steps)])
-                rows.append(dict(res, config=name, dense_acc=pre["test_acc"]))
+                    hp = dict(S.hparams(ctx, c["method"]), **c["overrides"], total_steps=steps)
+                    res = S.run_one_shot(ctx, c["method"], args.round, seed, pre, hp=hp, run_id=run_id,
+                                         segments=[L.Segment("bip", steps)])
+                rows.append(dict(res, config=name, overrides=c["overrides"], dense_acc=pre["test_acc"]))
     except L.Stop as s:
         stopped = str(s)
-    table = ["| config | seeds | test acc % | dense % | mask entries changed | train s |", "|---|---|---|---|---|---|"]
+    except L.MixedCode as e:
+        print(f"--resume: {e}", file=sys.stderr)
+        return 2
+    table = ["| config | seeds | val acc % | test acc % | dense % | mask entries changed | train s |",
+             "|---|---|---|---|---|---|---|"]
     summary = []
     for name in cfgs:
         got = [r for r in rows if r["config"] == name]
         if not got:
             continue
         acc, std = R.mean_std([r["test_acc"] for r in got])
+        vals = [r.get("val_acc") for r in got]
+        val, vstd = R.mean_std(vals) if None not in vals else (None, None)
         ch = statistics.mean(r.get("mask_change", float("nan")) for r in got)
         sec = statistics.mean(r["train_seconds"] for r in got)
         dense = statistics.mean(r["dense_acc"] for r in got)
         summary.append({"config": name, "method": got[0]["method"], "overrides": got[0]["overrides"],
-                        "n_seeds": len(got), "test_acc": acc, "test_acc_std": std, "dense_acc": dense,
+                        "n_seeds": len(got), "val_acc": val, "val_acc_std": vstd, "test_acc": acc, "test_acc_std": std, "dense_acc": dense,
                         "mask_change": ch, "train_seconds": sec, "curves": [r["curve"] for r in got]})
-        table.append(f"| {name} | {len(got)} | {R._pct(acc, std)} | {100 * dense:.2f} | {100 * ch:.1f}% | {sec:.0f} |")
+        table.append(f"| {name} | {len(got)} | {R._pct(val, vstd)} | {R._pct(acc, std)} | {100 * dense:.2f} | {100 * ch:.1f}% | {sec:.0f} |")
     print("\n".join(table))
     if stopped:
         print(f"\nstopped (--max-minutes) in {stopped}; rerun with --resume to continue")

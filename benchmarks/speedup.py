@@ -10,11 +10,20 @@ Epoch budgets keep the paper's proportions, all scaled by one common factor (= d
 - dense pretraining: D steps (paper: 160 epochs), lr 0.1, wd 5e-4, cosine;
 - IMP: rounds of D steps each (the dense schedule), 20% of the remaining weights pruned per
   round, rewinding to step round(3/160 * D) of the dense run (paper: epoch 3 of 160);
-- BiP (alternating and fused): straight to the target in round(100/160 * D) steps
-  (lower lr 0.01, score lr 0.1, gamma 1, wd 1e-4, cosine);
+- BiP (alternating and fused): straight to the target in round(100/160 * D) steps (gamma 1,
+  wd 1e-4, cosine; bip_fast's defaults lr 0.1 and score lr 0.1 x 39,100 / steps, or the
+  configuration tuning chose);
 - OMP: one-shot magnitude pruning of the pretrained model, retraining for D steps;
-- Hydra: score phase of round(20/160 * D) steps (score lr 0.1), then finetuning under the fixed
-  mask for round(100/160 * D) steps (lr 0.01) — Hydra's 20 + 100 epoch CIFAR split.
+- Hydra: score phase of round(20/160 * D) steps, then finetuning under the fixed mask for
+  round(100/160 * D) steps — Hydra's 20 + 100 epoch CIFAR split;
+- GMP, SNIP, GraSP, SynFlow: D steps (the at-init methods from the dense run's initialisation).
+
+Fairness (``_speedup_fair.py``): presets with a validation split (``--preset cpu``) make every
+decision on it and use the test set only to report; presets with ``tune`` give IMP, BiP, OMP, GMP
+and Hydra the same tuning budget (4 configurations each, one rule); every method's steps are also
+costed by per-step seconds measured interleaved in one process (the calibrated cost), with a
+control row: dense, IMP-round and OMP steps are the same work and must cost the same. Every run
+record names the code commit that made it, and --resume refuses runs of another commit.
 
 Timing counts training steps only (batch preparation on the device included, since every method
 needs it), with the device synchronised before and after each timed chunk (CUDA events order the
@@ -40,21 +49,38 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+import torch
+
 try:  # imported as part of a package (python -m benchmarks.speedup)
     from . import _common as C
     from . import _speedup_report as R
     from ._speedup_loop import Stop
     from ._speedup_presets import (
         BIP_CONFIGS, CONVERGENCE_FACTOR, IMP_RATE, METHODS, PAPER_DENSE_EPOCHS, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS)
-    from ._speedup_runs import _device, bip_kwargs, pretrain, run_imp, run_one_shot, setup
+    from . import _speedup_fair as F
+    from ._speedup_loop import MixedCode
+    from ._speedup_runs import _device, hparams, pretrain, run_imp, run_one_shot, setup
 except ImportError:  # run as a script, or loaded from its file path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common as C  # type: ignore[no-redef]
     import _speedup_report as R  # type: ignore[no-redef]
     from _speedup_loop import Stop  # type: ignore[no-redef]
     from _speedup_presets import (  # type: ignore[no-redef]
-        BIP_CONFIGS, CONVERGENCE_FACTOR, IMP_RATE, METHODS, PAPER_DENSE_EPOCHS, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS)
-    from _speedup_runs import _device, bip_kwargs, pretrain, run_imp, run_one_shot, setup  # type: ignore[no-redef]
+        CONVERGENCE_FACTOR, GRIDS, IMP_RATE, METHODS, PAPER_DENSE_EPOCHS, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS,
+        TUNE_SEED, TUNE_SHARES)
+    import _speedup_fair as F  # type: ignore[no-redef]
+    from _speedup_loop import MixedCode  # type: ignore[no-redef]
+    from _speedup_runs import _device, hparams, pretrain, run_imp, run_one_shot, setup  # type: ignore[no-redef]
+
+
+def validation_split(ctx) -> Dict[str, Any]:
+    """The validation split checked against the training images by content (exact byte equality)."""
+    d = ctx.data
+    train = {bytes(x.cpu().numpy().tobytes()) for x in d.train_x}
+    shared = sum(bytes(x.cpu().numpy().tobytes()) in train for x in d.val_x)
+    per_class = torch.bincount(d.val_y.cpu(), minlength=d.num_classes).tolist()
+    return {"disjoint_from_train": shared == 0, "images_identical_to_a_training_image": shared,
+            "per_class": per_class, "drawn_from": "training images outside the training subset"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -70,6 +96,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly at the next epoch boundary "
                                                                     "after this budget (rerun with --resume)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--allow-mixed-commits", action="store_true",
+                   help="with --resume: reuse runs, checkpoints and cached dense models made by another commit "
+                        "(the results then name every commit involved)")
     # overrides of the preset (smoke tests, experiments)
     p.add_argument("--arch", default=None)
     p.add_argument("--train-subset", type=int, default=None)
@@ -113,37 +142,68 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: Dict[str, List[Dict[str, Any]]] = {}
     dense_runs: List[Dict[str, Any]] = []
     long_runs: List[Dict[str, Any]] = []
+    tuning: Dict[str, Any] = {}
+    calib = None
     stopped = None
-    try:
-        pres = {}
-        for seed in seeds:
-            pres[seed] = pre = pretrain(ctx, seed)
-            dense_runs.append({"seed": seed, "test_acc": pre["test_acc"], "train_seconds": pre["train_seconds"],
-                               "curve": pre.get("curve")})
-            if cfg.get("check_convergence") and (seed == seeds[0] or cfg.get("check_convergence") == "all"):
-                lg = pretrain(ctx, seed, CONVERGENCE_FACTOR)
-                long_runs.append({"seed": seed, "test_acc": lg["test_acc"], "steps": lg.get("steps"),
-                                  "factor": CONVERGENCE_FACTOR, "curve": lg.get("curve")})
-        # method by method over all seeds, so that an interrupted run leaves whole methods behind
-        for m in methods:
+    # order: dense runs; tuning (seed TUNE_SEED); the tuned methods over all seeds; calibration;
+    # the convergence check; the other methods (so an interrupted run has the main comparison)
+    core = [m for m in methods if m in GRIDS or m in TUNE_SHARES]
+    rest = [m for m in methods if m not in core]
+
+    def run_methods(ms):
+        for m in ms:
             for seed in seeds:
                 if m == "imp":
                     results.setdefault("imp", []).append(run_imp(ctx, seed, pres[seed]))
                 else:
                     for r in TARGET_ROUNDS:
                         results.setdefault(m, []).append(run_one_shot(ctx, m, r, seed, pres[seed]))
+
+    try:
+        pres = {}
+        for seed in seeds:
+            pres[seed] = pre = pretrain(ctx, seed)
+            dense_runs.append({"seed": seed, "test_acc": pre["test_acc"], "val_acc": pre.get("val_acc"),
+                               "train_seconds": pre["train_seconds"], "steps": pre.get("steps"),
+                               "curve": pre.get("curve"), "code": pre.get("code")})
+        tuning = F.tune(ctx, methods, pres[TUNE_SEED], grids=bool(cfg.get("tune")))
+        run_methods(core)
+        calib = F.calibrate(ctx, methods, pres[seeds[0]])
+        for seed in seeds:
+            if cfg.get("check_convergence") and (seed == seeds[0] or cfg.get("check_convergence") == "all"):
+                lg = pretrain(ctx, seed, CONVERGENCE_FACTOR)
+                long_runs.append({"seed": seed, "test_acc": lg["test_acc"], "val_acc": lg.get("val_acc"),
+                                  "steps": lg.get("steps"), "factor": CONVERGENCE_FACTOR, "curve": lg.get("curve"),
+                                  "code": lg.get("code")})
+        run_methods(rest)
     except Stop as s:
         stopped = str(s)
+    except MixedCode as e:
+        print(f"--resume: {e}", file=sys.stderr)
+        return 2
     accs = [d["test_acc"] for d in dense_runs]
+    vals = [d["val_acc"] for d in dense_runs if d.get("val_acc") is not None]
     dense = {"epochs": cfg["dense_epochs"], "acc": statistics.mean(accs) if accs else 0.0,
              "acc_std": statistics.stdev(accs) if len(accs) > 1 else None, "acc_per_seed": accs,
+             "val_acc": statistics.mean(vals) if vals else None,
+             "val_acc_std": statistics.stdev(vals) if len(vals) > 1 else None, "val_acc_per_seed": vals,
              "seconds": statistics.mean(d["train_seconds"] for d in dense_runs) if dense_runs else 0.0}
     if cfg.get("check_convergence"):
         conv = R.convergence(dense_runs, long_runs)
         dense.update(converged=conv["converged"], convergence=conv)
-    rows = R.aggregate(results, methods)
+    rows = R.aggregate(results, methods, calib)
     checks = R.verdicts(rows, methods)
     tickets = R.winning_tickets(rows, results, dense["acc"], methods) if dense_runs else {}
+    ctrl = R.control(calib, F.wall_per_step(dense_runs, results))
+    codes = [x.get("code") for x in dense_runs + long_runs] + [r.get("code") for rs in results.values() for r in rs]
+    codes += [calib.get("code")] if calib else []
+    provenance = {"commit": ctx.code["commit"], "dirty": ctx.code["dirty"],
+                  "run_commits": sorted({(c or {}).get("commit", "unknown") for c in codes}),
+                  "runs_dirty": any((c or {}).get("dirty") is not False for c in codes),
+                  "note": "a tree dirty only under benchmarks/results/ counts as clean"}
+    validation = {"images": cfg["val_samples"], **validation_split(ctx)} if cfg["val_samples"] else None
+    print(R.tuning_table(tuning))
+    print()
     print(R.table(rows, dense))
     print()
     if "converged" in dense:
@@ -159,6 +219,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"- {100 * v['target_sparsity']:.1f}%: {R.label(v['method'])}: speedup at IMP's accuracy {eq}{sp}, "
               f"fixed budget {v['fixed_budget_speedup']:.2f}x; accuracy {100 * v['acc_delta']:+.2f} points vs IMP "
               f"(IMP std {std}): {v['accuracy_verdict']}")
+    if ctrl["max_rel_diff"] is not None or ctrl["wall_max_rel_diff"] is not None:
+        fmt = (lambda d: "n/a" if d is None else f"{100 * d:.1f}%")
+        cal = ", ".join(f"{k} {1000 * v:.1f}" for k, v in ctrl["s_per_step"].items())
+        wall = ", ".join(f"{k} {1000 * v:.1f}" for k, v in ctrl["wall_s_per_step"].items())
+        print(f"- control (the same SGD step): calibrated ms/step {cal} (spread {fmt(ctrl['max_rel_diff'])}, "
+              f"agree within {100 * ctrl['limit']:.0f}%: {ctrl['calibrated_agree']}); wall-clock ms/step {wall} "
+              f"(spread {fmt(ctrl['wall_max_rel_diff'])}, agree: {ctrl['wall_agree']})")
+    print(f"- provenance: code {provenance['commit']} (dirty: {provenance['dirty']}), runs made at "
+          f"{', '.join(provenance['run_commits'])}")
     if tickets:
         print()
         print(R.tickets_table(tickets, dense["acc"]))
@@ -171,20 +240,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = dict(cfg, preset=args.preset, device=str(device), methods=methods, steps=st, schedule_factor=factor,
                   targets=[R.target_sparsity(r) for r in TARGET_ROUNDS], data_dir=str(data_dir),
                   cache_dir=args.cache_dir, hparams={
-                      "dense/imp/omp": {"lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9, "schedule": "cosine"},
-                      **{m: dict(bip_kwargs(m, st["bip"]), momentum=0.9, schedule_lr="cosine")
-                         for m in methods if m in BIP_CONFIGS},
-                      "hydra": {"score_lr": 0.1, "score_weight_decay": 5e-4, "lr": 0.01, "weight_decay": 5e-4,
-                                "structure": "layer"},
-                      "gmp/snip/grasp/synflow": {"lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9,
-                                                 "schedule": "cosine", "gmp_prune_every": max(1, st["omp"] // 20),
-                                                 "score_samples": SCORE_SAMPLES,
-                                                 "init": "snip/grasp/synflow prune the dense run's initialisation"},
-                      "imp": {"rate": IMP_RATE, "rewind_step": st["rewind"]}},
-                  timing="training steps only, device synchronised; evaluation excluded; dense pretraining not "
-                         "counted for any method")
+                      "dense": {"lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9, "schedule": "cosine"},
+                      **{m: dict(hparams(ctx, m), momentum=0.9, schedule="cosine") for m in methods},
+                      "gmp": dict(hparams(ctx, "gmp"), prune_every=max(1, st["omp"] // 20)),
+                      "at_init": {"score_samples": SCORE_SAMPLES,
+                                  "init": "snip/grasp/synflow prune the dense run's initialisation"},
+                      "imp_schedule": {"rate": IMP_RATE, "rewind_step": st["rewind"]}},
+                  timing="calibrated cost: per-step seconds measured interleaved in one process x steps (the "
+                         "headline); wall clock: training steps only, device synchronised; evaluation excluded; "
+                         "dense pretraining not counted for any method")
     C.write_json(path, benchmark="speedup", env=env, config=config, rows=[], extra={
-        "rows": rows, "verdicts": checks, "dense": dense, "winning_tickets": tickets,
+        "rows": rows, "verdicts": checks, "dense": dense, "winning_tickets": tickets, "validation": validation,
+        "tuning": tuning, "calibration": calib, "control": ctrl, "provenance": provenance,
         "complete": stopped is None, "stopped_in": stopped,
         "imp_rounds": [dict(rec, seed=res["seed"]) for res in results.get("imp", []) for rec in res["records"]],
         "plots": pngs, "wall_seconds": time.monotonic() - t_start,

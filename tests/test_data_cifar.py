@@ -248,3 +248,33 @@ def test_original_format_file_must_match_the_published_md5(tmp_path):
     (folder / "test_batch").write_bytes(pickle.dumps(entry))
     with pytest.raises(ValueError, match=r"test_batch' is corrupt: its MD5 differs from the one of the published"):
         load_dataset("cifar10", tmp_path, download=False)
+
+
+def _image_set(x):
+    return {bytes(img.numpy().tobytes()) for img in x}
+
+
+def test_validation_split_held_out_of_training(tmp_path):
+    _make_cifar100(tmp_path)  # 300 training images, 3 per class
+    plain = load_dataset("cifar100", data_dir=tmp_path, subset=(100, 50), seed=3, download=False)
+    d = load_dataset("cifar100", data_dir=tmp_path, subset=(100, 50), seed=3, download=False, val=100)
+    # the training subset is the one a load without validation gives; the test split is untouched
+    assert torch.equal(d.train_x, plain.train_x) and torch.equal(d.train_y, plain.train_y)
+    assert torch.equal(d.test_x, plain.test_x)
+    # class-balanced, disjoint from the training images, deterministic
+    assert torch.bincount(d.val_y, minlength=100).tolist() == [1] * 100
+    assert not _image_set(d.val_x) & _image_set(d.train_x)
+    again = load_dataset("cifar100", data_dir=tmp_path, subset=(100, 50), seed=3, download=False, val=100)
+    assert torch.equal(again.val_x, d.val_x)
+    xs, ys = next(iter(d.val_loader(1000)))
+    assert xs.shape == (100, 3, 32, 32) and torch.equal(ys, d.val_y)
+    # without a training subset the training split is everything but the validation images
+    whole = load_dataset("cifar100", data_dir=tmp_path, download=False, val=200)
+    assert whole.train_x.shape[0] == 100 and not _image_set(whole.val_x) & _image_set(whole.train_x)
+    # bad values: more than the images left, wrong type; no split asked for: a clear error
+    with pytest.raises(ValueError, match="val"):
+        load_dataset("cifar100", data_dir=tmp_path, subset=(100, 50), download=False, val=201)
+    with pytest.raises(TypeError, match="val"):
+        load_dataset("cifar100", data_dir=tmp_path, download=False, val=1.5)
+    with pytest.raises(ValueError, match="validation split"):
+        plain.val_loader(10)

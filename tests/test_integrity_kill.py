@@ -1,8 +1,10 @@
 """kill -9 at random points and inside a checkpoint write, without any data set (a synthetic one in a
-subprocess), so the fault injection runs in CI: each killed run, resumed (or rerun when it died
-before its first checkpoint), ends bit-identical to an uninterrupted run."""
+subprocess), so the fault injection runs in CI: each run killed after its first checkpoint is
+resumed from it (and one killed inside a checkpoint write is resumed, or rerun when no complete
+checkpoint existed yet), and ends bit-identical to an uninterrupted run."""
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -53,8 +55,10 @@ def reference(tmp_path_factory):
     return _model(out), time.perf_counter() - t0
 
 
-def _continue_and_compare(out, reference):
-    mode = "resume" if (out / "checkpoint.pt").is_file() else "fresh"  # no checkpoint: rerun, no --force
+def _continue_and_compare(out, reference, must_resume=False):
+    has_checkpoint = (out / "checkpoint.pt").is_file()
+    assert has_checkpoint or not must_resume, "killed before its first checkpoint: nothing to resume"
+    mode = "resume" if has_checkpoint else "fresh"  # no checkpoint: rerun, no --force
     _finish(out, mode)
     got, want = _model(out), reference[0]
     assert got.keys() == want.keys()
@@ -64,13 +68,24 @@ def _continue_and_compare(out, reference):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kill_at_a_random_point_then_resume_is_bit_identical(tmp_path, reference, seed):
+    """Killed at a random point after the first checkpoint (so the continuation really resumes)."""
     out = tmp_path / "run"
-    delay = random.Random(seed).uniform(0.2, 0.9) * reference[1]  # somewhere inside the run
-    p = _start(out)
-    time.sleep(delay)
-    p.kill()
-    p.communicate(timeout=600)
-    _continue_and_compare(out, reference)
+    frac = random.Random(seed).uniform(0.0, 0.4)
+    for _ in range(6):
+        shutil.rmtree(out, ignore_errors=True)
+        p = _start(out)
+        while p.poll() is None and not (out / "checkpoint.pt").is_file():
+            time.sleep(0.002)
+        time.sleep(frac * reference[1])  # somewhere in the rest of the run
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=600)
+            break
+        p.communicate(timeout=600)
+        frac /= 4  # the run ended first: kill sooner
+    else:
+        pytest.fail("the run always finished before the kill")
+    _continue_and_compare(out, reference, must_resume=True)
 
 
 def test_kill_inside_a_checkpoint_write_then_resume_is_bit_identical(tmp_path, reference):

@@ -23,53 +23,83 @@ def _load():
 R = _load()
 
 
-def _imp(seed, accs, secs=100.0):
-    """IMP records for rounds 1..len(accs), each round taking ``secs`` seconds."""
+def _imp(seed, accs, secs=100.0, vals=None, steps=10):
+    """IMP records for rounds 1..len(accs), each round taking ``secs`` seconds and ``steps`` steps."""
+    vals = vals or [None] * len(accs)
     return {"method": "imp", "seed": seed, "records": [
-        {"round": i + 1, "sparsity": R.target_sparsity(i + 1), "test_acc": a, "cum_train_seconds": secs * (i + 1)}
-        for i, a in enumerate(accs)]}
+        {"round": i + 1, "sparsity": R.target_sparsity(i + 1), "test_acc": a, "val_acc": v,
+         "cum_train_seconds": secs * (i + 1), "cum_steps": steps * (i + 1)}
+        for i, (a, v) in enumerate(zip(accs, vals))]}
 
 
 def _one_shot(method, seed, rnd, curve):
-    """A one-shot run with evaluations (step, seconds, accuracy)."""
+    """A one-shot run with evaluations (step, seconds, test accuracy[, validation accuracy])."""
+    pts = [{"step": c[0], "train_seconds": c[1], "test_acc": c[2], "val_acc": c[3] if len(c) > 3 else None}
+           for c in curve]
     return {"method": method, "seed": seed, "target_round": rnd, "sparsity": R.target_sparsity(rnd),
-            "test_acc": curve[-1][2], "train_seconds": curve[-1][1],
-            "curve": [{"step": s, "train_seconds": t, "test_acc": a} for s, t, a in curve]}
+            "test_acc": pts[-1]["test_acc"], "val_acc": pts[-1]["val_acc"], "train_seconds": pts[-1]["train_seconds"],
+            "steps": pts[-1]["step"], "curve": pts}
 
 
 def test_time_to_accuracy_first_point_reaching_threshold():
     curve = [{"step": 10, "train_seconds": 5.0, "test_acc": 0.50}, {"step": 20, "train_seconds": 10.0, "test_acc": 0.61},
              {"step": 30, "train_seconds": 15.0, "test_acc": 0.60}]
-    assert R.time_to_accuracy(curve, 0.60) == (10.0, 20)
-    assert R.time_to_accuracy(curve, 0.62) == (None, None)
+    assert R.time_to_accuracy(curve, 0.60)["step"] == 20
+    assert R.time_to_accuracy(curve, 0.62) is None
 
 
 def test_aggregate_speedup_at_imp_accuracy_by_hand():
-    # IMP at round 3 (48.8%): seeds 0.60 and 0.62 -> mean 0.61, std 0.01414, threshold 0.5959;
-    # time 300 s (3 rounds of 100 s) for both seeds.
-    results = {"imp": [_imp(0, [0.5, 0.55, 0.60]), _imp(1, [0.5, 0.55, 0.62])],
-               "bip_fused": [_one_shot("bip_fused", 0, 3, [(1, 10.0, 0.58), (2, 20.0, 0.60), (3, 30.0, 0.61)]),
-                             _one_shot("bip_fused", 1, 3, [(1, 12.0, 0.57), (2, 22.0, 0.59), (3, 32.0, 0.60)])],
-               "omp": [_one_shot("omp", 0, 3, [(1, 50.0, 0.40), (2, 100.0, 0.50)])]}
-    rows = R.aggregate(results, ["imp", "bip_fused", "omp"])
+    # IMP at round 3 (48.8%): validation 0.60 and 0.62 -> mean 0.61 (the threshold, no minus std);
+    # test 0.58 and 0.60; 300 s wall (3 rounds of 100 s), 30 steps, for both seeds.
+    results = {"imp": [_imp(0, [0.5, 0.55, 0.58], vals=[0.5, 0.55, 0.60]),
+                       _imp(1, [0.5, 0.55, 0.60], vals=[0.5, 0.55, 0.62])],
+               "bip_fused": [_one_shot("bip_fused", 0, 3, [(1, 10.0, 0.50, 0.58), (2, 20.0, 0.55, 0.60),
+                                                           (3, 30.0, 0.57, 0.615)]),
+                             _one_shot("bip_fused", 1, 3, [(1, 12.0, 0.52, 0.57), (2, 22.0, 0.57, 0.62),
+                                                           (3, 32.0, 0.59, 0.61)])],
+               "omp": [_one_shot("omp", 0, 3, [(1, 50.0, 0.40, 0.40), (2, 100.0, 0.50, 0.50)])]}
+    # calibrated cost: IMP 2 s/step, BiP (fused) 1 s/step, OMP 3 s/step
+    calib = {"s_per_step": {"imp": 2.0, "bip_fused": 1.0, "omp": 3.0}, "cut_seconds": {}, "hydra_score_steps": 1}
+    rows = R.aggregate(results, ["imp", "bip_fused", "omp"], calib)
     imp = next(r for r in rows if r["method"] == "imp")
-    assert imp["test_acc"] == pytest.approx(0.61)
+    assert imp["test_acc"] == pytest.approx(0.59) and imp["val_acc"] == pytest.approx(0.61)
     assert imp["test_acc_std"] == pytest.approx(math.sqrt(2) * 0.01)
-    assert imp["train_seconds"] == pytest.approx(300.0)
+    assert imp["train_seconds"] == pytest.approx(300.0) and imp["cost_seconds"] == pytest.approx(60.0)
     bip = next(r for r in rows if r["method"] == "bip_fused")
-    # mean curve: (11 s, 0.575), (21 s, 0.595), (31 s, 0.605); threshold 0.61 - 0.01414 = 0.59586
-    assert [p["test_acc"] for p in bip["curve"]] == pytest.approx([0.575, 0.595, 0.605])
-    assert bip["seconds_to_imp_accuracy"] == pytest.approx(31.0)
-    assert bip["speedup_at_imp_accuracy"] == pytest.approx(300.0 / 31.0)
+    # mean validation curve: 0.575, 0.61, 0.6125 -> reaches 0.61 at step 2 (wall 21 s, cost 2 s),
+    # where the mean test accuracy is 0.56
+    assert [p["val_acc"] for p in bip["curve"]] == pytest.approx([0.575, 0.61, 0.6125])
+    assert bip["steps_to_imp_accuracy"] == 2 and bip["test_acc_at_imp_accuracy"] == pytest.approx(0.56)
+    assert bip["wall_seconds_to_imp_accuracy"] == pytest.approx(21.0)
+    assert bip["wall_speedup_at_imp_accuracy"] == pytest.approx(300.0 / 21.0)
+    assert bip["cost_seconds_to_imp_accuracy"] == pytest.approx(2.0)
+    assert bip["speedup_at_imp_accuracy"] == pytest.approx(60.0 / 2.0)  # the calibrated one
     assert bip["gap_to_imp_accuracy"] is None
-    assert bip["imp_time_ratio"] == pytest.approx(300.0 / 31.0)
+    assert bip["imp_time_ratio"] == pytest.approx(300.0 / 31.0) and bip["imp_cost_ratio"] == pytest.approx(60.0 / 3.0)
     omp = next(r for r in rows if r["method"] == "omp")
-    assert omp["seconds_to_imp_accuracy"] is None and omp["speedup_at_imp_accuracy"] is None
-    assert omp["gap_to_imp_accuracy"] == pytest.approx(0.61 - math.sqrt(2) * 0.01 - 0.50)
+    assert omp["steps_to_imp_accuracy"] is None and omp["speedup_at_imp_accuracy"] is None
+    assert omp["gap_to_imp_accuracy"] == pytest.approx(0.61 - 0.50)
     v = R.verdicts(rows, ["imp", "bip_fused", "omp"])
     assert len(v) == 1 and v[0]["method"] == "bip_fused"
+    # test accuracy 0.58 against IMP's 0.59 - 0.0141: within one std
     assert v[0]["accuracy_verdict"] == "within one std" and v[0]["accuracy_passed"]
     assert v[0]["speedup_target"] == 3.0 and v[0]["speedup_passed"] is True
+    assert v[0]["fixed_budget_speedup"] == pytest.approx(20.0)
+    # without a calibration the wall clock decides
+    assert next(r for r in R.aggregate(results, ["imp", "bip_fused"]) if r["method"] == "bip_fused")[
+        "speedup_at_imp_accuracy"] == pytest.approx(300.0 / 21.0)
+
+
+def test_cost_at_and_control():
+    calib = {"s_per_step": {"dense": 1.0, "imp": 1.02, "omp": 1.04, "hydra_score": 2.0, "hydra_finetune": 1.0,
+                            "snip": 1.0}, "cut_seconds": {"snip": 5.0}, "hydra_score_steps": 10}
+    assert R.cost_at(calib, "hydra", 4) == pytest.approx(8.0)
+    assert R.cost_at(calib, "hydra", 15) == pytest.approx(25.0)
+    assert R.cost_at(calib, "snip", 3) == pytest.approx(8.0)
+    assert R.cost_at(calib, "gmp", 3) is None and R.cost_at(None, "imp", 3) is None
+    c = R.control(calib, {"dense": 1.0, "imp": 1.2, "omp": 1.0})
+    assert c["max_rel_diff"] == pytest.approx(0.04) and c["calibrated_agree"] is True
+    assert c["wall_max_rel_diff"] == pytest.approx(0.2) and c["wall_agree"] is False
 
 
 def test_convergence_criterion():

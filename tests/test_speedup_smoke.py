@@ -68,8 +68,20 @@ def test_speedup_tiny(tmp_path):
     assert speedup.main(argv) == 0
     doc = json.loads((out / "speedup.json").read_text())
     for key in ("device", "versions", "commit", "config", "rows", "verdicts", "dense", "complete", "winning_tickets",
-                "continue_command"):
+                "continue_command", "tuning", "calibration", "control", "provenance"):
         assert key in doc
+    # every run of this benchmark was made by the code that wrote the file
+    prov = doc["provenance"]
+    assert prov["run_commits"] == [prov["commit"]] and prov["commit"] != "unknown"
+    # the quick preset is not tuned: each method keeps one configuration, and says so
+    assert all(t["configs"] == [] for t in doc["tuning"].values())
+    # calibration: a per-step time for every step kind, and the control over the same SGD step
+    kinds = doc["calibration"]["s_per_step"]
+    assert set(kinds) == {"dense", "hydra_score", "hydra_finetune"} | set(speedup.METHODS) - {"hydra"}
+    assert all(v > 0 for v in kinds.values())
+    assert set(doc["control"]["s_per_step"]) == {"dense", "imp", "omp"}
+    assert doc["control"]["max_rel_diff"] == pytest.approx(max(kinds[k] for k in ("dense", "imp", "omp"))
+                                                          / min(kinds[k] for k in ("dense", "imp", "omp")) - 1)
     assert doc["complete"] is True
     assert (out / "time_vs_sparsity.png").is_file() and (out / "accuracy_vs_sparsity.png").is_file()
     rows = doc["rows"]
@@ -84,14 +96,26 @@ def test_speedup_tiny(tmp_path):
         assert abs(r["sparsity"] - r["target_sparsity"]) <= tol, r
         assert r["train_seconds"] > 0 and 0.0 <= r["test_acc"] <= 1.0
         if r["method"] != "imp":
-            # evaluated along the schedule (here only at its end); time to IMP's accuracy or the gap
-            assert r["curve"] and r["curve"][-1]["test_acc"] == r["test_acc"]
-            assert (r["seconds_to_imp_accuracy"] is None) == (r["gap_to_imp_accuracy"] is not None)
+            # evaluated along the schedule (here only at its end); cost to IMP's accuracy or the gap
+            assert [p["step"] for p in r["curve"]] == [r["curve"][-1]["step"]] and r["curve"][-1]["step"] > 0
+            assert (r["steps_to_imp_accuracy"] is None) == (r["gap_to_imp_accuracy"] is not None)
+            # the calibrated cost is per-step seconds x steps
+            assert r["cost_seconds"] > 0
 
     # Resume: a rerun with --resume finds every run finished and trains nothing.
     assert speedup.main(argv + ["--resume"]) == 0
     doc2 = json.loads((out / "speedup.json").read_text())
     assert [r["train_seconds"] for r in doc2["rows"]] == [r["train_seconds"] for r in rows]
+
+    # A run made by another commit is refused by --resume unless mixing is asked for, and then named.
+    run = sorted((out / "runs").glob("omp-*.json"))[0]
+    rec = json.loads(run.read_text())
+    rec["code"] = {"commit": "0000000", "dirty": False}
+    run.write_text(json.dumps(rec))
+    assert speedup.main(argv + ["--resume"]) == 2
+    assert speedup.main(argv + ["--resume", "--allow-mixed-commits"]) == 0
+    doc3 = json.loads((out / "speedup.json").read_text())
+    assert doc3["provenance"]["run_commits"] == sorted(["0000000", prov["commit"]])
 
 
 def test_speedup_cpu_preset_convergence_and_curves(tmp_path):
@@ -100,15 +124,34 @@ def test_speedup_cpu_preset_convergence_and_curves(tmp_path):
                                        "--methods", "bip_fused")
     assert speedup.main(argv) == 0
     doc = json.loads((out / "speedup.json").read_text())
+    # a class-balanced validation split held out of the training images decides; the test set reports
+    val = doc["validation"]
+    assert val["images"] == 1000 and val["per_class"] == [100] * 10 and val["disjoint_from_train"] is True
     conv = doc["dense"]["convergence"]
-    assert doc["dense"]["converged"] is conv["converged"]
+    assert conv["decided_on"] == "val_acc"
     assert conv["longer_training_factor"] == 1.5 and conv["long_runs"][0]["steps"] == 12  # 1.5 x 4 epochs x 2 steps
+    assert len(conv["longer_training_gain_per_seed"]) == 1 == len(doc["dense"]["acc_per_seed"])
     assert len(conv["dense_curves"][0]["curve"]) == 4  # the preset's eval_points
     assert doc["config"]["augment"] is False
+    # IMP is tuned (bip_fused alone has no grid: it takes BiP (alternating)'s choice, absent here)
+    imp = doc["tuning"]["imp"]
+    assert len(imp["configs"]) == 4 and all(0.0 <= c["val_acc"] <= 1.0 for c in imp["configs"])
+    best = max(imp["configs"], key=lambda c: c["val_acc"])
+    assert imp["chosen"] in [c["config"] for c in imp["configs"]] and best["val_acc"] == max(
+        c["val_acc"] for c in imp["configs"] if c["config"] == imp["chosen"])
     rows = [r for r in doc["rows"] if r["method"] == "bip_fused"]
     assert len(rows) == 3
+    imp_rows = [r for r in doc["rows"] if r["method"] == "imp"]
     for r in rows:
         assert [p["step"] for p in r["curve"]] == [1, 2, 4, 5]  # 5 BiP steps (100/160 of 8), 4 evaluations
+        assert all(0.0 <= p["val_acc"] <= 1.0 and 0.0 <= p["test_acc"] <= 1.0 for p in r["curve"])
         times = [p["train_seconds"] for p in r["curve"]]
         assert times == sorted(times) and times[-1] == pytest.approx(r["train_seconds"])
+        costs = [p["cost_seconds"] for p in r["curve"]]
+        assert costs == sorted(costs)
+        # the crossing is read on validation against IMP's mean validation accuracy (no minus std)
+        imp_row = next(x for x in imp_rows if x["target_sparsity"] == r["target_sparsity"])
+        assert r["decided_on"] == "val_acc" and r["imp_accuracy_threshold"] == imp_row["val_acc"]
+        hit = next((p for p in r["curve"] if p["val_acc"] >= imp_row["val_acc"]), None)
+        assert r["steps_to_imp_accuracy"] == (None if hit is None else hit["step"])
     assert (out / "accuracy_vs_time.png").is_file()

@@ -66,6 +66,8 @@ class Dataset:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     name: str = ""
+    val_x: Optional[torch.Tensor] = None
+    val_y: Optional[torch.Tensor] = None
 
     def train_loader(self, batch_size: int, *, seed: int = 0, **kwargs) -> "Loader":
         """Shuffling, augmenting loader over the training split."""
@@ -75,6 +77,14 @@ class Dataset:
     def test_loader(self, batch_size: int, **kwargs) -> "Loader":
         """In-order, non-augmenting loader over the test split (last partial batch kept)."""
         return eval_loader(self.test_x, self.test_y, batch_size, mean=self.mean, std=self.std,
+                           **kwargs)
+
+    def val_loader(self, batch_size: int, **kwargs) -> "Loader":
+        """In-order, non-augmenting loader over the validation split (``load_dataset(val=N)``)."""
+        if self.val_x is None:
+            raise ValueError("val_loader: this dataset has no validation split; load it with "
+                             "load_dataset(..., val=N)")
+        return eval_loader(self.val_x, self.val_y, batch_size, mean=self.mean, std=self.std,
                            **kwargs)
 
 
@@ -256,11 +266,15 @@ def _parse_subset(subset, n_train: int, n_test: int) -> tuple[int, int]:
 
 
 def load_dataset(name: str = "cifar10", data_dir=None, device="cpu", subset=None, seed: int = 0,
-                 *, download: bool = True) -> Dataset:
+                 *, download: bool = True, val: int = 0) -> Dataset:
     """Load CIFAR-10 or CIFAR-100 onto ``device``.
 
     ``subset=(n_train, n_test)`` keeps a class-balanced deterministic subset (``seed`` picks it;
-    ``None`` for either means the whole split). Missing files are downloaded through torchvision
+    ``None`` for either means the whole split). ``val=N`` holds out a class-balanced validation
+    split of N training images (``val_x``/``val_y``, :meth:`Dataset.val_loader`), disjoint from
+    the training images: with a training subset it is drawn from the images the subset left
+    out (the subset itself is the one ``val=0`` gives), without one the training split is the
+    rest of the training images. The test split is never touched. Missing files are downloaded through torchvision
     when ``download`` is true and the network works; otherwise FileNotFoundError says which files
     are expected where. A corrupt pickle raises ValueError naming the file.
     """
@@ -300,30 +314,52 @@ def load_dataset(name: str = "cifar10", data_dir=None, device="cpu", subset=None
         parts[split] = (np.concatenate([b[0] for b in batches]),
                         np.concatenate([b[1] for b in batches]))
 
-    n_train, n_test = _parse_subset(subset, len(parts["train"][1]), len(parts["test"][1]))
-    for split, n in (("train", n_train), ("test", n_test)):
-        x, y = parts[split]
-        if n != len(y):
-            idx = subset_indices(torch.from_numpy(y), n, num_classes, seed).numpy()
-            parts[split] = (x[idx], y[idx])
+    if not isinstance(val, int) or isinstance(val, bool):
+        raise TypeError(f"val: expected an int, got {type(val).__name__}")
+    n_all = len(parts["train"][1])
+    n_train, n_test = _parse_subset(subset, n_all, len(parts["test"][1]))
+    if not 0 <= val <= n_all - (n_train if n_train < n_all else 0):
+        raise ValueError(f"val: expected 0 <= val <= {n_all - (n_train if n_train < n_all else 0)} (training "
+                         f"images outside the training subset), got {val}")
+    if val:
+        parts["train"], parts["val"] = _split_val(*parts["train"], n_train, val, num_classes, seed)
+    else:
+        x, y = parts["train"]
+        if n_train != len(y):
+            idx = subset_indices(torch.from_numpy(y), n_train, num_classes, seed).numpy()
+            parts["train"] = (x[idx], y[idx])
+    x, y = parts["test"]
+    if n_test != len(y):
+        idx = subset_indices(torch.from_numpy(y), n_test, num_classes, seed).numpy()
+        parts["test"] = (x[idx], y[idx])
 
     # Pack images and labels (all < 256) into one uint8 buffer: a single host->device copy.
-    tx, ty = parts["train"]
-    vx, vy = parts["test"]
-    host = np.concatenate([tx.reshape(-1), vx.reshape(-1),
-                           ty.astype(np.uint8), vy.astype(np.uint8)])
+    names = [k for k in ("train", "test", "val") if k in parts]
+    host = np.concatenate([parts[k][0].reshape(-1) for k in names] + [parts[k][1].astype(np.uint8) for k in names])
     buf = torch.from_numpy(host).to(device)
-    a, b = tx.size, tx.size + vx.size
-    c = b + len(ty)
-    return Dataset(
-        train_x=buf[:a].view(-1, 3, 32, 32),
-        train_y=buf[b:c].long(),
-        test_x=buf[a:b].view(-1, 3, 32, 32),
-        test_y=buf[c:].long(),
-        num_classes=num_classes,
-        mean=mean,
-        std=std,
-        name=key,
-    )
+    out, at = {}, 0
+    for k in names:
+        n = parts[k][0].size
+        out[k + "_x"] = buf[at:at + n].view(-1, 3, 32, 32)
+        at += n
+    for k in names:
+        n = len(parts[k][1])
+        out[k + "_y"] = buf[at:at + n].long()
+        at += n
+    return Dataset(**out, num_classes=num_classes, mean=mean, std=std, name=key)
+
+
+def _split_val(x: np.ndarray, y: np.ndarray, n_train: int, n_val: int, num_classes: int, seed: int):
+    """(train, val) parts: the training subset ``n_train`` (as without a validation split, or all
+    images but the validation ones when ``n_train`` is the whole split) and a class-balanced
+    validation subset of ``n_val`` drawn (generator seeded with ``seed + 1``) from the rest."""
+    labels = torch.from_numpy(y)
+    everything = n_train == len(y)
+    train = None if everything else subset_indices(labels, n_train, num_classes, seed).numpy()
+    rest = np.arange(len(y)) if everything else np.setdiff1d(np.arange(len(y)), train)
+    pick = rest[subset_indices(labels[torch.from_numpy(rest)], n_val, num_classes, seed + 1).numpy()]
+    if everything:
+        train = np.setdiff1d(np.arange(len(y)), pick)
+    return (x[train], y[train]), (x[pick], y[pick])
 
 

@@ -39,9 +39,10 @@ so gradients (weights and scores) are averaged and the masks, projected from ide
 are identical on every rank. Only rank 0 writes files. BatchNorm statistics are per-rank (not
 synchronised) unless ``sync_bn`` is set (GPU only: SyncBatchNorm needs CUDA tensors), so a model
 with BatchNorm matches a one-process run only approximately. BiP's paper-variant implicit-gradient
-term -(1/gamma)·m⊙g⊙g is computed by the masked layers from each rank's own gradient g before
-DDP averages the score gradients, so with a finite gamma DDP gives mean(g_r²) where one process
-gives (mean g_r)²: a small, documented difference (exact with gamma = inf or the official variant).
+term -(1/gamma)·m⊙g⊙g needs the rank-averaged gradient ḡ (the square of the mean, not the mean of
+per-rank squares): under DDP the masked layers compute only the part linear in g, which averages
+exactly, and BiP adds the term after the all-reduce from weight.grad = m⊙ḡ (``pruning/bip.py``),
+so the score gradient equals a one-process run's on the same global batch.
 
 Not implemented: CUDA-graph capture of the iteration (documented option of the project brief);
 ``compile=True`` uses ``torch.compile`` on the forward instead.
