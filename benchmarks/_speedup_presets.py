@@ -52,8 +52,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
               "batch_size": 128, "seeds": 1},
 }
 # run in this order (method by method over all seeds), so an interrupted run has the main comparison
-METHODS = ("imp", "bip_alternating", "bip_fused", "omp", "hydra", "gmp", "bip_official", "bip_paper",
-           "snip", "grasp", "synflow")
+METHODS = ("imp", "bip_alternating", "bip_fused", "omp", "hydra", "gmp", "bip_official", "snip", "grasp",
+           "synflow", "bip_paper")
 AT_INIT = ("snip", "grasp", "synflow")  # pruned at the dense run's initialisation, then trained D steps
 # the cut's batch, drawn per seed: SNIP one random batch, GraSP 10 images per class, SynFlow a shape
 SCORE_SAMPLES = {"snip": 128, "grasp": 100, "synflow": 1}
