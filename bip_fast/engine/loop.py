@@ -1,26 +1,8 @@
 """The training loop: one :class:`Trainer` runs any pruning algorithm epoch by epoch.
 
 A run (``pretrain``, ``prune`` or ``finetune``) is planned as a list of *segments*, each a number
-of epochs of one algorithm (``bip_fast.pruning``):
-
-- ``pretrain``: ``dense`` (Dense, plain model) -> ``model.pt`` is the plain state dict; the state
-  at the start of epoch ``--rewind-epoch`` (default 3) is kept in ``rewind.pt`` for IMP.
-- ``prune --method bip|omp|snip|grasp|synflow|gmp``: the method's segment (:mod:`.baselines`; the plan is :mod:`.plan`),
-  starting from ``--pretrained`` (a model.pt, checkpoint.pt or run folder). Without
-  ``--pretrained`` a dense segment of ``--pretrain-epochs`` (default: the dataset's dense
-  schedule, e.g. 160 epochs at lr 0.1 on CIFAR) runs first in the same run folder (not for
-  SNIP/GraSP/SynFlow).
-- ``prune --method hydra``: ``hydra_prune`` (``--hydra-score-epochs`` of score training), then
-  ``hydra_finetune`` (``Hydra.finetune()``, ``--epochs`` of weight training under the mask).
-- ``prune --method imp``: without ``--pretrained``, round 0 is dense training inside IMP and the
-  rewind point is the start of epoch ``--rewind-epoch`` (lottery tickets with rewinding); with
-  ``--pretrained RUN`` there is no round 0: round 1 prunes by the converged weights' magnitudes and
-  every round rewinds to the early weights RUN's ``pretrain`` kept in ``rewind.pt`` (refused
-  without one, unless ``--rewind-to-pretrained`` asks to rewind to the pretrained weights). Then
-  rounds 1..R (``IMP.next_round()``: prune 20% of the remaining weights, rewind, full retraining
-  schedule) with R = IMP.rounds_for(1 - sparsity): the first round whose density is at most the
-  target (0.8^R <= 1 - sparsity). Each round ends with ``round_RR.pt`` (model, masks, accuracy).
-- ``finetune --checkpoint PATH``: Dense SGD of the masked model under its fixed masks.
+of epochs of one algorithm; :mod:`.plan` describes each command's segments and the files they
+leave (``model.pt``, ``rewind.pt``, ``round_RR.pt``).
 
 Per epoch: the algorithm's ``step`` over the training loader (for BiP a :class:`BilevelLoader`:
 lower batch for the weight step, upper batch for the score step; an epoch is one pass of the
@@ -32,17 +14,7 @@ state, both loaders' states, RNG states, segment and epoch, history, config). ``
 continues from it; the resumed run ends bit-identical to an uninterrupted one (same device and
 software). Checkpoints are taken at epoch ends only.
 
-Distributed (torchrun, or any initialised ``torch.distributed`` group with world size > 1):
-every rank draws the same global batch from the same shuffled order and keeps its slice
-(``batch_size`` must divide by the world size); the model is wrapped in DistributedDataParallel,
-so gradients (weights and scores) are averaged and the masks, projected from identical scores,
-are identical on every rank. Only rank 0 writes files. BatchNorm statistics are per-rank (not
-synchronised) unless ``sync_bn`` is set (GPU only: SyncBatchNorm needs CUDA tensors), so a model
-with BatchNorm matches a one-process run only approximately. BiP's paper-variant implicit-gradient
-term -(1/gamma)·m⊙g⊙g needs the rank-averaged gradient ḡ (the square of the mean, not the mean of
-per-rank squares): under DDP the masked layers compute only the part linear in g, which averages
-exactly, and BiP adds the term after the all-reduce from weight.grad = m⊙ḡ (``pruning/bip.py``),
-so the score gradient equals a one-process run's on the same global batch.
+Distributed runs (torchrun): see :mod:`.setup`.
 
 Not implemented: CUDA-graph capture of the iteration (documented option of the project brief);
 ``compile=True`` uses ``torch.compile`` on the forward instead.

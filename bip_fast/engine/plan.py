@@ -1,17 +1,27 @@
-"""The plan of a run: a list of segments, each some epochs of one algorithm.
+"""The plan of a run: a list of segments, each some epochs of one algorithm (``bip_fast.pruning``).
 
-- ``pretrain``: ``dense`` (Dense, plain model) -> ``model.pt`` is the plain state dict.
+- ``pretrain``: ``dense`` (Dense, plain model) -> ``model.pt`` is the plain state dict; the state
+  at the start of epoch ``--rewind-epoch`` (default 3) is kept in ``rewind.pt`` for IMP.
 - ``prune --method bip|omp|snip|grasp|synflow|gmp``: the method's segment (:mod:`.baselines`),
-  starting from ``--pretrained``. Without ``--pretrained`` a dense segment of
-  ``--pretrain-epochs`` (default: the dataset's dense schedule, :func:`.sections.dense_epochs`)
-  runs first (not for SNIP/GraSP/SynFlow).
-- ``prune --method hydra``: ``hydra_prune`` (the score phase), then ``hydra_finetune``.
-- ``prune --method imp``: round 0 (dense, without ``--pretrained``), then rounds 1..R (from
-  ``--pretrained``: rewinding to the pretrained run's ``rewind.pt``).
-- ``finetune``: Dense SGD of the masked model under its fixed masks.
+  starting from ``--pretrained`` (a model.pt, checkpoint.pt or run folder). Without
+  ``--pretrained`` a dense segment of ``--pretrain-epochs`` (default: the dataset's dense
+  schedule, :func:`.sections.dense_epochs`, e.g. 160 epochs at lr 0.1 on CIFAR) runs first in
+  the same run folder (not for SNIP/GraSP/SynFlow).
+- ``prune --method hydra``: ``hydra_prune`` (``--hydra-score-epochs`` of score training), then
+  ``hydra_finetune`` (``Hydra.finetune()``, ``--epochs`` of weight training under the mask).
+- ``prune --method imp``: without ``--pretrained``, round 0 is dense training inside IMP and the
+  rewind point is the start of epoch ``--rewind-epoch`` (lottery tickets with rewinding); with
+  ``--pretrained RUN`` there is no round 0: round 1 prunes by the converged weights' magnitudes and
+  every round rewinds to the early weights RUN's ``pretrain`` kept in ``rewind.pt`` (refused
+  without one, unless ``--rewind-to-pretrained`` asks to rewind to the pretrained weights). Then
+  rounds 1..R (``IMP.next_round()``: prune 20% of the remaining weights, rewind, full retraining
+  schedule) with R = IMP.rounds_for(1 - sparsity): the first round whose density is at most the
+  target (0.8^R <= 1 - sparsity). Each round ends with ``round_RR.pt`` (model, masks, accuracy).
+- ``finetune --checkpoint PATH``: Dense SGD of the masked model under its fixed masks.
 
-The full description is in :mod:`bip_fast.engine.loop`. :func:`describe_plan` is the one line a
-run prints before it starts: every segment with its epochs and steps.
+How a segment runs (per epoch, checkpoints, resume) is in :mod:`bip_fast.engine.loop`.
+:func:`describe_plan` is the one line a run prints before it starts: every segment with its
+epochs and steps.
 """
 from __future__ import annotations
 

@@ -3,6 +3,18 @@
 Each function here turns part of a resolved :class:`RunConfig` into objects of the floors below
 (:mod:`bip_fast.data`, :mod:`bip_fast.models`, :mod:`bip_fast.pruning`); the
 :class:`~bip_fast.engine.loop.Trainer` composes them.
+
+Distributed (torchrun, or any initialised ``torch.distributed`` group with world size > 1):
+every rank draws the same global batch from the same shuffled order and keeps its slice
+(``batch_size`` must divide by the world size); the model is wrapped in DistributedDataParallel,
+so gradients (weights and scores) are averaged and the masks, projected from identical scores,
+are identical on every rank. Only rank 0 writes files. BatchNorm statistics are per-rank (not
+synchronised) unless ``sync_bn`` is set (GPU only: SyncBatchNorm needs CUDA tensors), so a model
+with BatchNorm matches a one-process run only approximately. BiP's paper-variant implicit-gradient
+term -(1/gamma)·m⊙g⊙g needs the rank-averaged gradient ḡ (the square of the mean, not the mean of
+per-rank squares): under DDP the masked layers compute only the part linear in g, which averages
+exactly, and BiP adds the term after the all-reduce from weight.grad = m⊙ḡ (``pruning/bip.py``),
+so the score gradient equals a one-process run's on the same global batch.
 """
 from __future__ import annotations
 
