@@ -15,7 +15,7 @@ from bip_fast.pruning.bip import MEASURED_SCORE_STEPS, scaled_score_lr
 
 from _pruning_helpers import linear_toy
 from test_cli import QUICK, cli, needs_data
-from test_loop import config, synthetic, tiny_model
+from test_loop import Kill, config, killer, synthetic, tiny_model
 
 
 def plan(spe=391, **kw):
@@ -119,8 +119,6 @@ def test_no_warning_for_an_explicit_score_lr_or_the_official_variant():
 
 
 def test_resumed_run_says_where_it_continues(tmp_path):
-    from test_loop import Kill, killer
-
     kw = dict(method="omp", sparsity=0.5, pretrain_epochs=1, epochs=2)
     with pytest.raises(Kill):
         Trainer(config(tmp_path / "r", **kw), dataset=synthetic(), model_fn=tiny_model, callbacks=[killer(2)]).run()
