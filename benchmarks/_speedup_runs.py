@@ -16,7 +16,7 @@ import torch
 
 try:  # imported as part of a package (python -m benchmarks.speedup)
     from . import _common as C
-    from ._speedup_loop import (Ctx, Segment, _build, _load_result, _save_result, _warmup, check_code, eval_points,
+    from ._speedup_loop import (Ctx, Segment, _build, _load_result, _save_result, _warmup, eval_points,
                                 evaluate, execute)
     from ._speedup_presets import (AT_INIT, BASE_HPARAMS, BIP_CONFIGS, IMP_RATE, PAPER_HYDRA_SCORE_STEPS, PRESETS,
                                    SCORE_SAMPLES, TARGET_ROUNDS)
@@ -24,7 +24,7 @@ except ImportError:  # run as a script, or loaded from its file path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common as C  # type: ignore[no-redef]
     from _speedup_loop import (  # type: ignore[no-redef]
-        Ctx, Segment, _build, _load_result, _save_result, _warmup, check_code, eval_points, evaluate, execute)
+        Ctx, Segment, _build, _load_result, _save_result, _warmup, eval_points, evaluate, execute)
     from _speedup_presets import (  # type: ignore[no-redef]
         AT_INIT, BASE_HPARAMS, BIP_CONFIGS, IMP_RATE, PAPER_HYDRA_SCORE_STEPS, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS)
 

@@ -16,7 +16,6 @@ Resumable like speedup.py (finished rows in <out>/runs/, unfinished ones checkpo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics

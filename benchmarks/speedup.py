@@ -53,23 +53,24 @@ import torch
 
 try:  # imported as part of a package (python -m benchmarks.speedup)
     from . import _common as C
-    from . import _speedup_report as R
-    from ._speedup_loop import Stop
-    from ._speedup_presets import (
-        BIP_CONFIGS, CONVERGENCE_FACTOR, IMP_RATE, METHODS, PAPER_DENSE_EPOCHS, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS)
     from . import _speedup_fair as F
-    from ._speedup_loop import MixedCode
+    from . import _speedup_report as R
+    from ._speedup_loop import MixedCode, Stop
+    from ._speedup_plots import plots
+    from ._speedup_presets import (
+        CONVERGENCE_FACTOR, GRIDS, IMP_RATE, METHODS, PAPER_DENSE_EPOCHS, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS,
+        TUNE_SEED, TUNE_SHARES)
     from ._speedup_runs import _device, hparams, pretrain, run_imp, run_one_shot, setup
 except ImportError:  # run as a script, or loaded from its file path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common as C  # type: ignore[no-redef]
     import _speedup_report as R  # type: ignore[no-redef]
-    from _speedup_loop import Stop  # type: ignore[no-redef]
+    from _speedup_loop import MixedCode, Stop  # type: ignore[no-redef]
     from _speedup_presets import (  # type: ignore[no-redef]
         CONVERGENCE_FACTOR, GRIDS, IMP_RATE, METHODS, PAPER_DENSE_EPOCHS, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS,
         TUNE_SEED, TUNE_SHARES)
     import _speedup_fair as F  # type: ignore[no-redef]
-    from _speedup_loop import MixedCode  # type: ignore[no-redef]
+    from _speedup_plots import plots  # type: ignore[no-redef]
     from _speedup_runs import _device, hparams, pretrain, run_imp, run_one_shot, setup  # type: ignore[no-redef]
 
 
@@ -235,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"\nstopped after --max-minutes {args.max_minutes} during run {stopped}; partial results above. "
               f"Rerun with --resume to continue.")
     title = f"{cfg['arch']}, CIFAR-10 {cfg['train_samples']} imgs, {args.preset}, {C.device_name(device)}"
-    pngs = R.plots(ctx.out, rows, results, dense, title, methods) if rows else []
+    pngs = plots(ctx.out, rows, results, dense, title, methods) if rows else []
     path = args.json or os.path.join(args.out, "speedup.json")
     config = dict(cfg, preset=args.preset, device=str(device), methods=methods, steps=st, schedule_factor=factor,
                   targets=[R.target_sparsity(r) for r in TARGET_ROUNDS], data_dir=str(data_dir),
