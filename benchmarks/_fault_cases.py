@@ -2,7 +2,7 @@
 
 A case is a CLI command line (placeholders: ``{w}`` the case's own folder, ``{data}`` the real
 CIFAR-10 folder, ``{dense}``/``{bip}`` copies of a finished dense / BiP run made for the case, ``{bad}``
-a damaged copy of the data set) and what the README promises for it:
+a damaged copy of the data set) and what docs/reliability.md promises for it:
 
 - ``refuse``: exit status 2, one line on stderr naming ``needle``, no traceback, and not one byte
   of the case's folder changed or added;

@@ -1,4 +1,4 @@
-"""Fault and bad-input matrix of the CLI: the README's reliability promises, counted case by case.
+"""Fault and bad-input matrix of the CLI: the reliability promises of docs/reliability.md, counted case by case.
 
 Every case runs ``python -m bip_fast ...`` in a subprocess on real CIFAR-10 (a 64/50-image
 class-balanced subset, ResNet-20, CPU) and is judged mechanically (benchmarks/_fault_cases.py):

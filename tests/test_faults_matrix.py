@@ -1,4 +1,4 @@
-"""benchmarks/faults.py: its judge fails what the README does not promise, and a two-case run on real
+"""benchmarks/faults.py: its judge fails what docs/reliability.md does not promise, and a two-case run on real
 CIFAR-10 passes end to end."""
 import json
 import os
