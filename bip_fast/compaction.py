@@ -3,7 +3,7 @@
 :func:`compact` returns a plain PyTorch model (nn.Conv2d, nn.BatchNorm2d, nn.Linear, ... and the
 model's own container classes; no bip_fast layer inside) that computes what the masked model
 computes, with fewer channels. It traces the coupled channel groups of the model
-(:mod:`bip_fast.masks.groups`) and removes a channel of a group when every layer that produces
+(:mod:`bip_fast.masks.group_trace`) and removes a channel of a group when every layer that produces
 it outputs exactly 0 there: its filter and bias are zero and its BatchNorm scale and shift are
 zero, which is what ``structure="group"`` masks give. The layer surgery is Torch-Pruning's pruning
 functions (conv / depthwise conv / linear / BatchNorm, output and input side); a channel-padding
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .files.checkpoint import _check_path, _write_atomic
-from .masks.groups import Member, _discover, _plain_copy, call_model
+from .masks.group_trace import Member, call_model, discover_groups, plain_copy
 
 __all__ = ["compact", "export_compact", "count_macs"]
 
@@ -94,8 +94,8 @@ def compact(model: nn.Module, example_inputs, *, check: bool = True, rtol: float
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
-    plain = _plain_copy(model)
-    groups = _discover(plain, example_inputs)
+    plain = plain_copy(model)
+    groups = discover_groups(plain, example_inputs)
     removals: List[Tuple[nn.Module, Member, List[int]]] = []
     for g in groups:
         if not g.prunable:

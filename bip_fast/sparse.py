@@ -25,6 +25,7 @@ from torch import nn
 
 from .files.checkpoint import load, save_atomic
 from .nn import finalize, masked_modules
+from .nn.convert import _swap
 
 FORMAT = "bip_fast.sparse/1"
 
@@ -145,8 +146,6 @@ class CSRLinear(nn.Module):
 def to_sparse_linear(model: nn.Module, min_sparsity: float = 0.9) -> nn.Module:
     """Replace, in place, every plain nn.Linear whose weight has at least ``min_sparsity`` zeros by a
     :class:`CSRLinear` (inference only). Call it on a :func:`bip_fast.finalize`\\ d model."""
-    from .nn.convert import _swap
-
     for name, m in list(model.named_modules()):
         if type(m) is nn.Linear and m.weight.numel() and float((m.weight == 0).float().mean()) >= min_sparsity:
             if not name:

@@ -8,7 +8,9 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from ..compaction import export_compact
 from ..data import load_dataset, load_folder_dataset
+from ..data.folder import SPECS
 from ..files import checkpoint as ckpt
 from ..masks import save_masks
 from ..models import build
@@ -88,8 +90,6 @@ def evaluate_checkpoint(cfg: RunConfig) -> Dict[str, Any]:
 
 def example_input(dataset: str, batch: int = 2) -> torch.Tensor:
     """A random input batch of ``dataset``'s image size (CIFAR 32, Tiny-ImageNet 64, ImageNet 224)."""
-    from ..data.folder import SPECS
-
     size = SPECS[dataset.lower()]["size"] if dataset.lower() in SPECS else 32
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
@@ -118,8 +118,6 @@ def export_checkpoint(cfg: RunConfig, num_classes: Optional[int] = None, compact
     ckpt.save_atomic(cpu_state(plain), out / "model_dense_format.pt")
     rep = {"model": str(out / "model_dense_format.pt"), "masks": str(out / "masks.pt")}
     if compact:
-        from ..compaction import export_compact
-
         done = export_compact(model.cpu().eval(), example_input(cfg.data.dataset), out / "model_compact.pt2")
         rep.update(compact=done["path"], compact_params=done["params"], params=done["masked_params"])
     return rep

@@ -17,7 +17,7 @@ from torch import nn
 from ..files import checkpoint as ckpt
 from ..files import integrity
 from ..nn import masked_modules, sparsify
-from ..nn.norm import mask_norms
+from ..nn.convert import mask_norms
 from .checks import check_same_run
 from .hparams import RunConfig
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .modules import MASKED_OF, MASKED_TYPES, PLAIN_OF, MaskedLinear, MaskedMultiheadAttention
-from .norm import MASKED_NORM_TYPES
+from .norm import MASKED_NORM_OF, MASKED_NORM_TYPES, to_masked_norm
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
@@ -238,6 +238,19 @@ def finalize(model: nn.Module) -> nn.Module:
         if isinstance(m, MASKED_TYPES + MASKED_NORM_TYPES) and not any(name.startswith(d + ".") for d in done):
             _swap(model, name, _to_plain(m))
             done.append(name)  # an attention layer's out_proj goes with it
+    return model
+
+
+def mask_norms(model: nn.Module, names) -> nn.Module:
+    """Make the named BatchNorm layers of ``model`` channel-masked (:mod:`bip_fast.nn.norm`), in
+    place (already masked ones stay)."""
+    for name in names:
+        bn = model.get_submodule(name)
+        if type(bn) in MASKED_NORM_OF:
+            new = to_masked_norm(bn)
+            if not name:
+                return new
+            _swap(model, name, new)
     return model
 
 

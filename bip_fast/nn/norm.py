@@ -107,19 +107,5 @@ def to_masked_norm(bn: nn.Module) -> nn.Module:
     return new
 
 
-def mask_norms(model: nn.Module, names) -> nn.Module:
-    """Make the named BatchNorm layers of ``model`` channel-masked, in place (already masked ones stay)."""
-    from .convert import _swap
-
-    for name in names:
-        bn = model.get_submodule(name)
-        if type(bn) in MASKED_NORM_OF:
-            new = to_masked_norm(bn)
-            if not name:
-                return new
-            _swap(model, name, new)
-    return model
-
-
 __all__ = ["MaskedBatchNorm1d", "MaskedBatchNorm2d", "MaskedBatchNorm3d", "MASKED_NORM_OF", "MASKED_NORM_TYPES",
-           "to_masked_norm", "mask_norms"]
+           "to_masked_norm"]
