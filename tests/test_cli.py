@@ -195,3 +195,36 @@ def test_imp_from_a_model_without_rewind_weights_is_refused(dense_run, tmp_path)
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "rewind.pt" in lines[0] and "--rewind-to-pretrained" in lines[0]
     assert not (tmp_path / "imp" / "config.yaml").exists()
+
+
+@needs_data
+def test_prune_group_structure_then_export_compact(dense_run, tmp_path):
+    """``--structure group``: the engine traces the channel groups on a batch of the data's shape,
+    every prunable group keeps round(0.5 x channels) channels, and ``export --compact`` writes a
+    smaller model that computes what the dense-format export computes."""
+    import bip_fast
+
+    run, exp = tmp_path / "group", tmp_path / "export"
+    cli("prune", *QUICK, "--method", "bip", "--structure", "group", "--sparsity", "0.5", "--pretrained", dense_run,
+        "--out", run)
+    sd = torch.load(run / "model.pt")
+    groups = [g for g in bip_fast.find_groups(build("resnet20"), torch.randn(2, 3, 32, 32)) if g.prunable]
+    assert groups
+    for g in groups:  # a channel's BatchNorm entries, over every BatchNorm of the group
+        kept, seen = torch.zeros(g.channels, dtype=torch.bool), torch.zeros(g.channels, dtype=torch.bool)
+        for m in g.members:
+            if m.kind == "norm":
+                kept[m.channel] |= sd[f"{m.name}.channel_mask"][m.index]
+                seen[m.channel] = True
+        assert bool(seen.all()) and int(kept.sum()) == max(1, round(0.5 * g.channels)), g.members[0].name
+
+    r = cli("export", "--checkpoint", run, "--out", exp, "--compact")
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["compact_params"] < 0.6 * rep["params"]
+    small = torch.export.load(rep["compact"]).module()
+    plain = build("resnet20").eval()
+    plain.load_state_dict(torch.load(exp / "model_dense_format.pt"))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        y, ref = small(x), plain(x)
+    assert float((y - ref).abs().max()) <= 1e-4 * float(ref.abs().max())

@@ -10,14 +10,13 @@ from torch import nn
 
 from ..compaction import export_compact
 from ..data import load_dataset, load_folder_dataset
-from ..data.folder import SPECS
 from ..files import checkpoint as ckpt
 from ..masks import save_masks
 from ..models import build
 from ..nn import finalize, masked_modules, sparsify, sparsity_report
 from .hparams import FOLDER_DATASETS, RunConfig
 from .rundir import EXPORT_FILES, cpu_state, load_state_into, read_model_file
-from .setup import resolve_device
+from .setup import example_input, resolve_device
 
 __all__ = ["evaluate", "density", "load_model", "evaluate_checkpoint", "export_checkpoint"]
 
@@ -86,12 +85,6 @@ def evaluate_checkpoint(cfg: RunConfig) -> Dict[str, Any]:
     rep = sparsity_report(model)
     return {"test_acc": acc, "density": rep["density"], "sparsity": rep["sparsity"], "prunable": rep["numel"],
             "kept": rep["kept"], "test_samples": n_test}
-
-
-def example_input(dataset: str, batch: int = 2) -> torch.Tensor:
-    """A random input batch of ``dataset``'s image size (CIFAR 32, Tiny-ImageNet 64, ImageNet 224)."""
-    size = SPECS[dataset.lower()]["size"] if dataset.lower() in SPECS else 32
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
 def export_checkpoint(cfg: RunConfig, num_classes: Optional[int] = None, compact: bool = False) -> Dict[str, str]:

@@ -43,7 +43,7 @@ __all__ = [
 
 METHODS = ("bip", "imp", "omp", "hydra", "dense", "snip", "grasp", "synflow", "gmp")
 COMMANDS = ("pretrain", "prune", "finetune", "eval", "export")
-STRUCTURES = ("global", "layer", "filter", "channel", "nm")
+STRUCTURES = ("global", "layer", "filter", "channel", "nm", "group")
 VARIANTS = ("paper", "official")
 SCHEDULES = ("alternating", "fused")
 SCORE_INITS = ("magnitude", "hydra")
@@ -104,7 +104,7 @@ class ModelHparams:
 class PruneHparams:
     method: str = _f("bip", "bip, imp, omp, hydra, dense, snip, grasp, synflow or gmp")
     sparsity: float = _f(0.9, "fraction of prunable weights removed, in [0, 1)")
-    structure: Optional[str] = _f(None, "global, layer, filter, channel or nm (default per method)")
+    structure: Optional[str] = _f(None, "global, layer, filter, channel, nm or group (default per method)")
     variant: str = _f("paper", "BiP variant: paper or official (the authors' effective update)")
     schedule: str = _f("alternating", "BiP schedule: alternating (2 passes) or fused (1 pass)")
     score_lr: Optional[float] = _f(None, "upper-level (score) learning rate (default: Hydra 0.1; BiP 0.1 x 39100 / "

@@ -27,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data import BilevelLoader, Dataset, Loader, eval_loader, load_dataset, load_folder_dataset
+from ..data.folder import SPECS
+from ..masks import attach_groups
 from ..nn import sparsify
 from ..pruning import get_algorithm
 from . import baselines
@@ -34,7 +36,7 @@ from .hparams import FOLDER_DATASETS, METHOD_DEFAULTS, RunConfig
 from .plan import resolved_score_lr
 
 __all__ = ["resolve_device", "dist_info", "init_distributed_from_env", "Loaders", "make_loaders",
-           "build_algorithm", "Forward", "wrap_forward"]
+           "build_algorithm", "example_input", "Forward", "wrap_forward"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,6 +116,12 @@ def make_loaders(cfg: RunConfig, dataset, device: torch.device) -> Loaders:
 # algorithm
 # --------------------------------------------------------------------------------------------
 
+def example_input(dataset: str, batch: int = 2) -> torch.Tensor:
+    """A random input batch of ``dataset``'s image size (CIFAR 32, Tiny-ImageNet 64, ImageNet 224)."""
+    size = SPECS[dataset.lower()]["size"] if dataset.lower() in SPECS else 32
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
 def build_algorithm(seg, cfg: RunConfig, model: nn.Module, steps_per_epoch: int,
                     place: Callable[[nn.Module], nn.Module]):
     """A new algorithm of ``seg.kind`` (a :class:`~bip_fast.engine.plan.Segment`) around ``model``,
@@ -123,6 +131,8 @@ def build_algorithm(seg, cfg: RunConfig, model: nn.Module, steps_per_epoch: int,
     total = seg.epochs * steps_per_epoch
     if seg.kind != "dense":
         model = place(sparsify(model))
+        if p.structure == "group":  # the coupled channels, traced on one batch of the data's shape
+            attach_groups(model, example_input(cfg.data.dataset).to(next(model.parameters()).device))
     common = dict(momentum=t.momentum, total_steps=total)
     if seg.kind == "dense":
         if cfg.command == "prune":  # dense phase before pruning: the dense schedule
