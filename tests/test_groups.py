@@ -11,7 +11,7 @@ from torch import nn
 
 import bip_fast
 from bip_fast.masks import keep_count
-from bip_fast.models import build
+from bip_fast.models import ShortcutA, build
 from bip_fast.nn import MaskedBatchNorm2d
 
 from _compact_helpers import group_keep, randomise_norms, tv
@@ -54,11 +54,12 @@ def test_toy_groups_and_members():
     assert isinstance(m.bn_a, MaskedBatchNorm2d) and isinstance(m.bn_c, MaskedBatchNorm2d)
 
 
-def test_toy_channel_score_is_l2_over_members():
-    """Worked by hand: group {a out, b in} has 4 channels; scores chosen so channel norms are
-    ch0: sqrt(1+1), ch1: sqrt(4+0), ch2: sqrt(0+9), ch3: sqrt(1+0) -> keep 2 of 4: ch1, ch2.
-    Group {b out, c out, fc in} (fc zero): rows of b give 10/3 each, rows of c 2·[0, 25, 1], so
-    norms² = [3.3, 53.3, 5.3] -> keep round(1.5) = 2: ch1, ch2."""
+def test_toy_channel_score_is_rms_over_members():
+    """Worked by hand: group {a out, b in} has 4 channels of 2 + 3 = 5 entries; scores chosen so
+    the sums of squares are ch0: 1+1, ch1: 4+0, ch2: 0+9, ch3: 1+0, RMS² = [0.4, 0.8, 1.8, 0.2]
+    -> keep 2 of 4: ch1, ch2. Group {b out, c out, fc in} (fc zero), 4 + 2 + 2 = 8 entries a
+    channel: rows of b give 10/3 each, rows of c 2·[0, 25, 1], so RMS² = [3.3, 53.3, 5.3] / 8
+    -> keep round(1.5) = 2: ch1, ch2."""
     m = _toy()
     bip_fast.sparsify(m)
     with torch.no_grad():
@@ -75,6 +76,47 @@ def test_toy_channel_score_is_l2_over_members():
     assert m.bn_b.channel_mask.tolist() == m.bn_c.channel_mask.tolist() == [False, True, True]
     assert m.fc.mask[:, :].all(dim=0).tolist() == [False, True, True]  # fc's input slices follow
     assert m.fc.mask.any(dim=1).all()  # fc's outputs (the model's output) all stay
+
+
+class PadToy(nn.Module):
+    """conv a (2 channels) -> bn_a, padded by a channel-padding shortcut onto the 4 channels of
+    conv b -> bn_b, then fc: one group of 4 channels. b's rows 1, 2 also carry a's channels 0, 1
+    (a's filter and b's input column: 2 + 4 more entries); b's rows 0, 3 carry b and fc only."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 2, 1, bias=False)
+        self.bn_a = nn.BatchNorm2d(2)
+        self.b = nn.Conv2d(2, 4, 1, bias=False)
+        self.bn_b = nn.BatchNorm2d(4)
+        self.pad = ShortcutA(2, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_a(self.a(x)))
+        y = self.bn_b(self.b(y)) + self.pad(y)
+        return self.fc(torch.relu(y).mean(dim=(2, 3)))
+
+
+def test_channels_in_more_layers_do_not_win_by_count():
+    """Worked by hand: every entry 1, except b's rows 0, 3 and fc's columns 0, 3 at 1.2. The
+    channels at b rows 1, 2 have 2 + 2 + 2 + 4 = 10 entries of 1 (L2² 10, RMS 1); rows 0, 3 have
+    2 + 2 entries of 1.2 (L2² 5.76, RMS 1.2). The L2 norm would keep rows 1, 2 for their count; the
+    RMS keeps rows 0, 3, and a's two channels (carried by rows 1, 2) go with rows 1, 2."""
+    torch.manual_seed(0)
+    m = PadToy()
+    bip_fast.attach_groups(m, torch.randn(1, 2, 3, 3))
+    assert [g.channels for g in bip_fast.masks.groups.groups_of(m) if g.prunable] == [4]
+    bip_fast.sparsify(m)
+    with torch.no_grad():
+        for mod in (m.a, m.b, m.fc):
+            mod.weight.fill_(1.0)
+        m.b.weight[[0, 3]] = 1.2
+        m.fc.weight[:, [0, 3]] = 1.2
+    bip_fast.OMP(m, 0.5, structure="group")
+    assert m.bn_b.channel_mask.tolist() == [True, False, False, True]
+    assert m.bn_a.channel_mask.tolist() == [False, False]
+    assert not m.a.mask.any() and not m.b.mask[:, :, 0, 0].any(dim=0).any()
 
 
 def test_ties_go_to_the_lower_channel():

@@ -12,9 +12,10 @@ of every algorithm can use them::
     bip_fast.attach_groups(model, torch.randn(1, 3, 224, 224))
     alg = bip_fast.BiP(model, 0.5, structure="group")
 
-Projection (:func:`project_groups`): a channel's score is the L2 norm of the scores of all its
-member slices (every masked conv / linear that produces or reads it); each group keeps
-``max(1, round(density · channels))`` channels, exactly, ties to the lower channel index. A
+Projection (:func:`project_groups`): a channel's score is the root-mean-square of the scores of
+all its member slices (every masked conv / linear that produces or reads it; see there why the
+mean); each group keeps ``max(1, round(density · channels))`` channels, exactly, ties to the
+lower channel index. A
 removed channel is masked in every member: filters, input slices, biases and BatchNorm scale and
 shift, so it outputs exactly 0 and :func:`bip_fast.compact` can cut it out without changing the
 function.
@@ -85,10 +86,38 @@ def _slice_sq_norms(s: torch.Tensor, dim: int) -> torch.Tensor:
     return s.transpose(0, dim).reshape(s.shape[dim], -1).pow(2).sum(dim=1)
 
 
+def channel_scores(groups_on_device: list, channels: int, names: Dict[str, int],
+                   scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The score of each channel of one group: the root-mean-square of its members' score entries,
+    sqrt(Σ s² / n) over the n entries of every filter and input slice that carries the channel.
+
+    A mean, not the L2 norm (sqrt(Σ s²)), because the channels of one group need not live in the
+    same layers: a channel-padding shortcut (the CIFAR ResNets' option A) merges the 16-, 32- and
+    64-channel stages into one 64-channel group, where a channel of the first stage is carried by
+    the layers of all three stages and a channel added by the last padding only by the last stage.
+    Under the L2 norm a channel carried by more layers scores higher at equal score entries, so
+    the first stage's channels are kept first; the mean compares the channels by their scores.
+    The layers' score scales still count, as in the global structure (magnitude scores of a
+    ResNet at initialisation are larger in the narrow first stage, and favour its channels).
+    Where every channel of a group has the same members (no padding) the mean is the L2 norm
+    divided by one constant and keeps the same channels. Exact K is unchanged: the top-K runs on
+    these per-channel values."""
+    dev = scores[0].device
+    sq = torch.zeros(channels, dtype=torch.float32, device=dev)
+    count = torch.zeros(channels, dtype=torch.float32, device=dev)
+    for m, idx, ch in groups_on_device:
+        if m.kind in ("out", "in"):
+            s = scores[names[m.name]]
+            sq.index_add_(0, ch, _slice_sq_norms(s, m.dim)[idx])
+            count.index_add_(0, ch, torch.full(ch.shape, float(s.numel() // s.shape[m.dim]), device=dev))
+    return (sq / count.clamp_min(1)).sqrt()
+
+
 def project_groups(model: nn.Module, names: Sequence[str], scores: Sequence[torch.Tensor], density: float,
                    backend: Optional[str] = None):
     """Group-structure masks: ``(weight masks, one per name; {name: bool vector})``, the vectors
-    being the bias masks of removed filters and the channel masks of BatchNorm layers.
+    being the bias masks of removed filters and the channel masks of BatchNorm layers. Each group
+    keeps its channels of highest :func:`channel_scores` (root-mean-square over the members).
 
     ``names`` / ``scores``: the masked modules of ``model`` and their scores, in the same order."""
     groups = groups_of(model)
@@ -106,11 +135,8 @@ def project_groups(model: nn.Module, names: Sequence[str], scores: Sequence[torc
         if unmasked:
             skipped.append(unmasked[0])
             continue
-        norms = torch.zeros(g.channels, dtype=torch.float32, device=dev)
-        for m, idx, ch in mems:
-            if m.kind in ("out", "in"):
-                norms.index_add_(0, ch, _slice_sq_norms(scores[pos[m.name]], m.dim)[idx])
-        keep = ops.topk_masks([norms.sqrt()], max(1, keep_count(g.channels, density)), backend=backend)[0]
+        rms = channel_scores(mems, g.channels, pos, scores)
+        keep = ops.topk_masks([rms], max(1, keep_count(g.channels, density)), backend=backend)[0]
         for m, idx, ch in mems:
             if m.kind == "pad":
                 continue
