@@ -335,6 +335,24 @@ def table(rows: List[Dict[str, Any]], dense: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def headline_table(rows: List[Dict[str, Any]], methods: Sequence[str]) -> str:
+    """Compact markdown table of ``methods`` (IMP first): validation and test accuracy, calibrated
+    cost, the fixed-budget cost ratio and the speedup at IMP's validation accuracy."""
+    head = ["sparsity", "method", "val acc %", "test acc %", "cost s", "IMP cost / cost", "speedup at IMP val acc"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        if r["method"] not in methods:
+            continue
+        cost = r.get("cost_seconds")
+        fixed = "" if r["method"] == "imp" or r.get("imp_cost_ratio") is None else f"{r['imp_cost_ratio']:.2f}x"
+        eq = "" if r["method"] == "imp" else ("never" if r.get("speedup_at_imp_accuracy") is None
+                                              else f"{r['speedup_at_imp_accuracy']:.2f}x")
+        lines.append(f"| {100 * r['target_sparsity']:.1f}% | {label(r['method'])} | "
+                     f"{_pct(r.get('val_acc'), r.get('val_acc_std'))} | {_pct(r['test_acc'], r['test_acc_std'])} | "
+                     f"{'n/a' if cost is None else f'{cost:.1f}'} | {fixed} | {eq} |")
+    return "\n".join(lines)
+
+
 def tuning_table(tuning: Dict[str, Any]) -> str:
     """Markdown table of the tuning grid: every configuration tried, its validation accuracy, the choice."""
     lines = ["| method | configuration | val acc % | test acc % | chosen |", "|---|---|---|---|---|"]

@@ -43,6 +43,7 @@ after the budget, and ``--resume`` continues.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -84,6 +85,29 @@ def validation_split(ctx) -> Dict[str, Any]:
             "per_class": per_class, "drawn_from": "training images outside the training subset"}
 
 
+def report_only(args) -> int:
+    """The tables of a written speedup.json: tuning, every row, and the headline (IMP against the
+    tuned methods), from the file alone."""
+    path = args.json or os.path.join(args.out or os.path.join(C.RESULTS_DIR, f"speedup-cpu-{args.preset}"),
+                                     "speedup.json")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"--report-only: cannot read {path}: {e}", file=sys.stderr)
+        return 2
+    prov = doc.get("provenance") or {}
+    print(f"{path}: commit {prov.get('commit', doc.get('commit'))}, complete {doc.get('complete')}")
+    if doc.get("tuning"):
+        print(R.tuning_table(doc["tuning"]))
+        print()
+    print(R.table(doc["rows"], doc["dense"]))
+    print()
+    core = [m for m in doc["config"]["methods"] if m in GRIDS or m in TUNE_SHARES]
+    print(R.headline_table(doc["rows"], core))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
@@ -107,7 +131,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dense-epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--json", default=None, help="result JSON (default <out>/speedup.json)")
+    p.add_argument("--report-only", action="store_true",
+                   help="print the tables of an existing speedup.json (default: the preset's) without training")
     args = p.parse_args(argv)
+    if args.report_only:
+        return report_only(args)
 
     t_start = time.monotonic()
     device = _device(args.device)

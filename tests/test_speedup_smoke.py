@@ -63,10 +63,17 @@ def _tiny_speedup(tmp_path, *flags):
     return _load("speedup"), out, argv
 
 
-def test_speedup_tiny(tmp_path):
+def test_speedup_tiny(tmp_path, capsys):
     speedup, out, argv = _tiny_speedup(tmp_path, "--arch", "resnet8", "--dense-epochs", "1")
     assert speedup.main(argv) == 0
     doc = json.loads((out / "speedup.json").read_text())
+    # the tables can be rebuilt from the file alone; a missing file is one line, status 2
+    capsys.readouterr()
+    assert speedup.main(["--report-only", "--json", str(out / "speedup.json")]) == 0
+    printed = capsys.readouterr().out
+    imp86 = next(r for r in doc["rows"] if r["method"] == "imp" and round(r["target_sparsity"], 3) == 0.866)
+    assert f"| 86.6% | IMP | n/a | {100 * imp86['test_acc']:.2f}" in printed
+    assert speedup.main(["--report-only", "--json", str(tmp_path / "absent.json")]) == 2
     for key in ("device", "versions", "commit", "config", "rows", "verdicts", "dense", "complete", "winning_tickets",
                 "continue_command", "tuning", "calibration", "control", "provenance"):
         assert key in doc
