@@ -2,7 +2,7 @@
 
 All structures share one selection machinery, :func:`bip_fast.ops.topk_masks` (multi-tensor radix
 select with the (tensor, flat index) tie rule): global runs it once over all layers, layer-wise once
-per layer, filter/channel-wise on each layer's vector of L2 norms, N:M on |s| grouped by M.
+per layer, filter/channel-wise on each layer's vector of L2 (or L1) norms, N:M on |s| grouped by M.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from ..ops import keep_count
 from .groups import ChannelGroups, attach_groups, find_groups
 
 STRUCTURES = ("global", "layer", "filter", "channel", "nm", "group")
+FILTER_NORMS = ("l2", "l1")  # how a filter / channel / group channel scores: the norm of its entries
 
-__all__ = ["STRUCTURES", "project", "apply_masks", "keep_count", "density_of", "save_masks", "load_masks",
+__all__ = ["STRUCTURES", "FILTER_NORMS", "project", "apply_masks", "keep_count", "density_of", "save_masks", "load_masks",
            "find_groups", "attach_groups", "ChannelGroups"]
 
 
@@ -40,6 +41,8 @@ def project(
     m: int = 4,
     backend: Optional[str] = None,
     out_dims: Optional[Sequence[int]] = None,
+    filter_norm: str = "l2",
+    within: Optional[Sequence[torch.Tensor]] = None,
 ) -> List[torch.Tensor]:
     """Bool masks keeping a fraction ``density`` of the weights under ``structure``.
 
@@ -48,10 +51,20 @@ def project(
     more than ``density``. ``out_dims``: per tensor, the dimension of the output channels (0 for
     conv and linear weights, the default; 1 for transposed convolutions, whose weight is
     (in, out / groups, *kernel)); filters are slices along it, channels along the other of 0, 1.
+
+    ``filter_norm`` (filter / channel): a slice's score is the L2 norm of its entries (``"l2"``,
+    SPEC §2) or their L1 norm (``"l1"``, the L1-norm filter pruning of Li et al. 2017).
+    ``within`` (filter / channel): the current masks, one per tensor; only the slices that still
+    hold a kept entry compete, each layer keeps ``max(1, round(density · remaining))`` of them, and
+    the result keeps nothing outside ``within`` (iterative pruning: pruned filters stay pruned).
     """
     density = _check_density(density)
     if structure not in STRUCTURES:
         raise ValueError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
+    if filter_norm not in FILTER_NORMS:
+        raise ValueError(f"filter_norm: expected one of {FILTER_NORMS}, got {filter_norm!r}")
+    if within is not None and structure not in ("filter", "channel"):
+        raise ValueError(f"within: supported by the filter and channel structures, got structure={structure!r}")
     if structure == "group":
         raise ValueError("structure: 'group' projects a model's coupled channels, not a list of scores; "
                          "see bip_fast.masks.groups.project_groups")
@@ -65,17 +78,31 @@ def project(
         out_dims = [0] * len(scores) if out_dims is None else list(out_dims)
         if len(out_dims) != len(scores) or any(d not in (0, 1) for d in out_dims):
             raise ValueError(f"out_dims: expected one 0 or 1 per scores tensor ({len(scores)}), got {out_dims}")
+        if within is not None:
+            within = list(within)
+            if len(within) != len(scores) or any(w.shape != s.shape for w, s in zip(within, scores)):
+                raise ValueError(f"within: expected one mask per scores tensor, of its shape "
+                                 f"({[tuple(s.shape) for s in scores]}), got {[tuple(w.shape) for w in within]}")
         out = []
         for i, s in enumerate(scores):
             if s.dim() < 2:
                 raise ValueError(f"scores[{i}]: {structure}-wise pruning needs a weight of >= 2 dims, got {tuple(s.shape)}")
             dim = out_dims[i] if structure == "filter" else 1 - out_dims[i]
-            norms = s.detach().to(torch.float32).transpose(0, dim).reshape(s.shape[dim], -1).norm(dim=1)
-            # at least one filter/channel per layer: an empty layer cuts the network in two
-            keep = ops.topk_masks([norms], max(1, keep_count(norms.numel(), density)), backend=backend)[0]
+            rows = s.detach().to(torch.float32).transpose(0, dim).reshape(s.shape[dim], -1)
+            norms = rows.norm(dim=1) if filter_norm == "l2" else rows.abs().sum(dim=1)
             shape = [1] * s.dim()
             shape[dim] = -1
-            out.append(keep.view(shape).expand(s.shape).contiguous())
+            if within is None:
+                # at least one filter/channel per layer: an empty layer cuts the network in two
+                keep = ops.topk_masks([norms], max(1, keep_count(norms.numel(), density)), backend=backend)[0]
+                out.append(keep.view(shape).expand(s.shape).contiguous())
+                continue
+            alive = within[i].transpose(0, dim).reshape(s.shape[dim], -1).any(dim=1)
+            keep = torch.zeros_like(alive)
+            cand = norms[alive]
+            if cand.numel() > 0:
+                keep[alive] = ops.topk_masks([cand], max(1, keep_count(cand.numel(), density)), backend=backend)[0]
+            out.append(keep.view(shape).expand(s.shape) & within[i])
         return out
     return [_nm_mask(s, n, m, i) for i, s in enumerate(scores)]
 

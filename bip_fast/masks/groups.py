@@ -14,8 +14,9 @@ of every algorithm can use them::
 
 Projection (:func:`project_groups`): a channel's score is the root-mean-square of the scores of
 all its member slices (every masked conv / linear that produces or reads it; see there why the
-mean); each group keeps ``max(1, round(density · channels))`` channels, exactly, ties to the
-lower channel index. A
+mean), or with ``filter_norm="l1"`` their mean absolute value; each group keeps
+``max(1, round(density · channels))`` channels, exactly, ties to the lower channel index
+(``within``: of the channels that the current masks still keep, for iterative pruning). A
 removed channel is masked in every member: filters, input slices, biases and BatchNorm scale and
 shift, so it outputs exactly 0 and :func:`bip_fast.compact` can cut it out without changing the
 function.
@@ -81,15 +82,17 @@ def _on_device(groups: ChannelGroups, device) -> list:
     return groups._device_cache[key]
 
 
-def _slice_sq_norms(s: torch.Tensor, dim: int) -> torch.Tensor:
-    s = s.detach().to(torch.float32)
-    return s.transpose(0, dim).reshape(s.shape[dim], -1).pow(2).sum(dim=1)
+def _slice_sums(s: torch.Tensor, dim: int, filter_norm: str = "l2") -> torch.Tensor:
+    """Per slice along ``dim``: the sum of squares of its entries ("l2") or of their magnitudes ("l1")."""
+    rows = s.detach().to(torch.float32).transpose(0, dim).reshape(s.shape[dim], -1)
+    return rows.pow(2).sum(dim=1) if filter_norm == "l2" else rows.abs().sum(dim=1)
 
 
 def channel_scores(groups_on_device: list, channels: int, names: Dict[str, int],
-                   scores: Sequence[torch.Tensor]) -> torch.Tensor:
+                   scores: Sequence[torch.Tensor], filter_norm: str = "l2") -> torch.Tensor:
     """The score of each channel of one group: the root-mean-square of its members' score entries,
-    sqrt(Σ s² / n) over the n entries of every filter and input slice that carries the channel.
+    sqrt(Σ s² / n) over the n entries of every filter and input slice that carries the channel
+    (``filter_norm="l1"``: their mean absolute value, Σ |s| / n).
 
     A mean, not the L2 norm (sqrt(Σ s²)), because the channels of one group need not live in the
     same layers: a channel-padding shortcut (the CIFAR ResNets' option A) merges the 16-, 32- and
@@ -108,18 +111,40 @@ def channel_scores(groups_on_device: list, channels: int, names: Dict[str, int],
     for m, idx, ch in groups_on_device:
         if m.kind in ("out", "in"):
             s = scores[names[m.name]]
-            sq.index_add_(0, ch, _slice_sq_norms(s, m.dim)[idx])
+            sq.index_add_(0, ch, _slice_sums(s, m.dim, filter_norm)[idx])
             count.index_add_(0, ch, torch.full(ch.shape, float(s.numel() // s.shape[m.dim]), device=dev))
-    return (sq / count.clamp_min(1)).sqrt()
+    mean = sq / count.clamp_min(1)
+    return mean.sqrt() if filter_norm == "l2" else mean
+
+
+def _alive_channels(groups_on_device: list, channels: int, names: Dict[str, int],
+                    within: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The channels of one group that the masks ``within`` still keep somewhere (a kept entry in
+    one of the filters or input slices that carry them)."""
+    hits = torch.zeros(channels, dtype=torch.float32, device=within[0].device)
+    for m, idx, ch in groups_on_device:
+        if m.kind in ("out", "in"):
+            w = within[names[m.name]]
+            hits.index_add_(0, ch, w.transpose(0, m.dim).reshape(w.shape[m.dim], -1).any(dim=1)[idx].float())
+    return hits > 0
 
 
 def project_groups(model: nn.Module, names: Sequence[str], scores: Sequence[torch.Tensor], density: float,
-                   backend: Optional[str] = None):
+                   backend: Optional[str] = None, filter_norm: str = "l2",
+                   within: Optional[Sequence[torch.Tensor]] = None):
     """Group-structure masks: ``(weight masks, one per name; {name: bool vector})``, the vectors
     being the bias masks of removed filters and the channel masks of BatchNorm layers. Each group
-    keeps its channels of highest :func:`channel_scores` (root-mean-square over the members).
+    keeps its channels of highest :func:`channel_scores` (root-mean-square over the members, or
+    mean absolute value with ``filter_norm="l1"``).
 
-    ``names`` / ``scores``: the masked modules of ``model`` and their scores, in the same order."""
+    ``names`` / ``scores``: the masked modules of ``model`` and their scores, in the same order.
+    ``within``: the current weight masks (same order); only the channels they still keep compete,
+    each group keeps ``max(1, round(density · remaining))`` of them, and the weight masks keep
+    nothing outside ``within`` (iterative pruning: a removed channel stays removed)."""
+    if filter_norm not in ("l2", "l1"):
+        raise ValueError(f"filter_norm: expected one of ('l2', 'l1'), got {filter_norm!r}")
+    if within is not None and (len(within) != len(scores) or any(w.shape != s.shape for w, s in zip(within, scores))):
+        raise ValueError(f"within: expected one mask per scores tensor, of its shape, got {len(within)} masks")
     groups = groups_of(model)
     pos = {n: i for i, n in enumerate(names)}
     masks = [torch.ones(s.shape, dtype=torch.bool, device=s.device) for s in scores]
@@ -135,8 +160,15 @@ def project_groups(model: nn.Module, names: Sequence[str], scores: Sequence[torc
         if unmasked:
             skipped.append(unmasked[0])
             continue
-        rms = channel_scores(mems, g.channels, pos, scores)
-        keep = ops.topk_masks([rms], max(1, keep_count(g.channels, density)), backend=backend)[0]
+        value = channel_scores(mems, g.channels, pos, scores, filter_norm)
+        if within is None:
+            keep = ops.topk_masks([value], max(1, keep_count(g.channels, density)), backend=backend)[0]
+        else:
+            alive = _alive_channels(mems, g.channels, pos, within)
+            keep = torch.zeros_like(alive)
+            if bool(alive.any()):
+                keep[alive] = ops.topk_masks([value[alive]], max(1, keep_count(int(alive.sum()), density)),
+                                             backend=backend)[0]
         for m, idx, ch in mems:
             if m.kind == "pad":
                 continue
@@ -155,6 +187,8 @@ def project_groups(model: nn.Module, names: Sequence[str], scores: Sequence[torc
             masks[i] &= vec.view(shape)
             if m.kind == "out":
                 vectors[m.name] = vectors[m.name] & vec if m.name in vectors else vec
+    if within is not None:
+        masks = [mk & w for mk, w in zip(masks, within)]
     if skipped and not groups._warned:
         groups._warned = True
         warnings.warn(f"structure='group': {len(skipped)} channel group(s) hold a conv / linear layer that is not "

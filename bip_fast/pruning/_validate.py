@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..masks import STRUCTURES
+from ..masks import FILTER_NORMS, STRUCTURES
 from ._tree import tensor_leaves
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -99,3 +99,13 @@ def _check_structure(structure: str, sparsity: float, n: int, m: int) -> None:
             raise ValueError(f"n/m: expected 0 < n <= m, got {n}/{m}")
         if abs((1.0 - sparsity) - n / m) > 1e-9:
             raise ValueError(f"sparsity: {n}:{m} pruning removes {1 - n / m} of the weights, got sparsity={sparsity}")
+
+
+def _check_filter_norm(filter_norm: str, structure: str) -> str:
+    """``filter_norm`` scores whole filters / channels; a structure of single entries has none."""
+    _check_choice(filter_norm, "filter_norm", FILTER_NORMS)
+    if filter_norm != "l2" and structure not in ("filter", "channel", "group"):
+        raise ValueError(f"filter_norm: {filter_norm!r} scores filters, channels or group channels; structure "
+                         f"{structure!r} ranks single entries by magnitude (use structure='filter', 'channel' or "
+                         f"'group')")
+    return filter_norm

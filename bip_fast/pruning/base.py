@@ -382,23 +382,26 @@ class Algorithm:
 
 
 def _project_into(alg: Algorithm, scores: Sequence[torch.Tensor], density: float, structure: str,
-                  n: int, m: int, hist1: Optional[torch.Tensor] = None) -> None:
+                  n: int, m: int, hist1: Optional[torch.Tensor] = None, filter_norm: str = "l2",
+                  within: Optional[Sequence[torch.Tensor]] = None) -> None:
     """Project ``scores`` (one per masked module) and copy the masks into the modules.
 
     ``hist1``: the first-digit histogram of exactly these scores, produced by the SGD launch
-    that just updated them; global projection then skips its first pass.
+    that just updated them; global projection then skips its first pass. ``filter_norm`` and
+    ``within`` (filter / channel / group structures): see :func:`bip_fast.masks.project`.
     """
     scores = [s.detach() for s in scores]
     if structure == "global" and hist1 is not None:
         total = sum(s.numel() for s in scores)
         alg._set_masks(ops.topk_masks(scores, keep_count(total, density), hist1=hist1))
     elif structure == "group":  # whole channels of the groups of bip_fast.attach_groups
-        masks, vectors = project_groups(alg.model, alg.module_names, scores, density)
+        masks, vectors = project_groups(alg.model, alg.module_names, scores, density, filter_norm=filter_norm,
+                                        within=within)
         alg._set_masks(masks)
         apply_group_vectors(alg.model, vectors)
     else:
         try:
-            masks = project(scores, density, structure, n=n, m=m,
+            masks = project(scores, density, structure, n=n, m=m, filter_norm=filter_norm, within=within,
                             out_dims=[getattr(mod, "out_dim", 0) for mod in alg.modules])
         except ValueError as e:  # name the layer, not its index in the list of scores
             raise ValueError(re.sub(r"scores\[(\d+)\]", lambda g: f"layer {alg.module_names[int(g.group(1))]!r}",

@@ -10,8 +10,12 @@ from torch import nn
 
 from .. import ops
 from ..masks import keep_count
-from .base import Algorithm, SGDGroup
-from ._validate import Batch, _check_number
+from .base import Algorithm, SGDGroup, _project_into
+from ._validate import Batch, _check_choice, _check_filter_norm, _check_number
+
+STRUCTURES = ("global", "filter", "group")
+# mask buffers of the masked layers: what a round sets, and a rewind leaves alone
+_MASK_KEYS = ("mask", "scores", "bias_mask", "channel_mask")
 
 __all__ = ["IMP"]
 
@@ -25,7 +29,13 @@ class IMP(Algorithm):
 
     1. prunes ``rate`` (20%) of the remaining weights: the new mask keeps the
        ``round((1 - rate) · R)`` largest |θ| among the R currently unmasked weights, globally over
-       all masked layers (ties: earlier layer, then lower flat index); pruned weights stay pruned;
+       all masked layers (ties: earlier layer, then lower flat index); pruned weights stay pruned.
+       ``structure="filter"`` (IMP-F) prunes whole filters instead: each layer keeps
+       ``max(1, round((1 - rate) · R_l))`` of its R_l remaining filters, those whose masked weights
+       have the largest norm (``filter_norm``: ``"l2"`` or ``"l1"``; ties to the lower index);
+       ``structure="group"`` does the same per coupled channel group of
+       :func:`bip_fast.attach_groups` (a channel's score as in the group structure: the
+       root-mean-square, or with ``"l1"`` the mean magnitude, of its members' masked weights);
     2. rewinds the whole model state except masks and scores to the rewind state;
     3. resets the optimiser (zero momentum) and the schedule: each round retrains for the full
        ``total_steps`` cosine schedule from step 0.
@@ -48,6 +58,8 @@ class IMP(Algorithm):
         *,
         rate: float = 0.2,
         rewind_step: int = 0,
+        structure: str = "global",
+        filter_norm: str = "l2",
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -63,6 +75,8 @@ class IMP(Algorithm):
         if rewind_step < 0:
             raise ValueError(f"rewind_step: expected a non-negative int, got {rewind_step}")
         self.rewind_step = rewind_step
+        self.structure = _check_choice(structure, "structure", STRUCTURES)
+        self.filter_norm = _check_filter_norm(filter_norm, structure)
         super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, compute_loss=compute_loss,
                          include=include, exclude=exclude)
         self._freeze_scores()
@@ -80,8 +94,7 @@ class IMP(Algorithm):
         return max(0, math.ceil(math.log(d) / math.log(1.0 - r) - 1e-9))
 
     def _state_keys(self):
-        return [k for k in self.model.state_dict() if not (k.endswith(".mask") or k.endswith(".scores")
-                                                           or k in ("mask", "scores"))]
+        return [k for k in self.model.state_dict() if k.rsplit(".", 1)[-1] not in _MASK_KEYS]
 
     @torch.no_grad()
     def _maybe_record_rewind(self) -> None:
@@ -122,8 +135,11 @@ class IMP(Algorithm):
         return self._sgd_step("weights", batch)
 
     @torch.no_grad()
-    def next_round(self) -> None:
-        """Prune ``rate`` of the remaining weights by global magnitude, rewind, reset the schedule."""
+    def next_round(self, rate: Optional[float] = None) -> None:
+        """Prune ``rate`` (default: the constructor's) of the remaining weights (``structure``:
+        filters, group channels) by magnitude, rewind, reset the schedule."""
+        rate = self.rate if rate is None else _check_number(rate, "rate", low=0.0, low_inclusive=False, high=1.0,
+                                                             high_inclusive=False)
         self._check_nonfinite()
         self._maybe_record_rewind()
         if self._rewind is None:
@@ -131,17 +147,12 @@ class IMP(Algorithm):
                 f"next_round: the rewind point (step {self.rewind_step} of round 0) has not been reached; "
                 f"{self.step_count} steps taken"
             )
-        old = [m.mask for m in self.modules]
-        remaining = int(sum(int(mk.sum()) for mk in old))
-        keep = keep_count(remaining, 1.0 - self.rate)
-        cand = [(i, m.weight.detach().abs()[m.mask]) for i, m in enumerate(self.modules)]
-        cand = [(i, c) for i, c in cand if c.numel() > 0]
-        new = [torch.zeros_like(mk) for mk in old]
-        if cand and keep > 0:
-            sel = ops.topk_masks([c for _, c in cand], keep)
-            for (i, _), s in zip(cand, sel):
-                new[i][old[i]] = s
-        self._set_masks(new)
+        if self.structure == "global":
+            self._prune_global(rate)
+        else:
+            old = [m.mask.clone() for m in self.modules]
+            _project_into(self, [m.weight.detach() * m.mask for m in self.modules], 1.0 - rate, self.structure,
+                          2, 4, filter_norm=self.filter_norm, within=old)
         sd = self.model.state_dict()
         for k, v in self._rewind.items():
             sd[k].copy_(v)
@@ -150,13 +161,31 @@ class IMP(Algorithm):
         self.step_count = 0
         self.round += 1
 
+    def _prune_global(self, rate: float) -> None:
+        old = [m.mask for m in self.modules]
+        remaining = int(sum(int(mk.sum()) for mk in old))
+        keep = keep_count(remaining, 1.0 - rate)
+        cand = [(i, m.weight.detach().abs()[m.mask]) for i, m in enumerate(self.modules)]
+        cand = [(i, c) for i, c in cand if c.numel() > 0]
+        new = [torch.zeros_like(mk) for mk in old]
+        if cand and keep > 0:
+            sel = ops.topk_masks([c for _, c in cand], keep)
+            for (i, _), s in zip(cand, sel):
+                new[i][old[i]] = s
+        self._set_masks(new)
+
     def _extra_state(self) -> Dict[str, object]:
         rew = None if self._rewind is None else {k: v.clone() for k, v in self._rewind.items()}
-        return {"round": self.round, "rewind": rew, "rewind_step": self.rewind_step, "rate": self.rate}
+        return {"round": self.round, "rewind": rew, "rewind_step": self.rewind_step, "rate": self.rate,
+                "structure": self.structure, "filter_norm": self.filter_norm}
 
     def _load_extra_state(self, sd: Dict[str, object]) -> None:
         self.round = int(sd["round"])
         self.rewind_step = int(sd["rewind_step"])
         self.rate = float(sd["rate"])
+        for key in ("structure", "filter_norm"):
+            saved = sd.get(key, "global" if key == "structure" else "l2")
+            if saved != getattr(self, key):
+                raise ValueError(f"state_dict: holds an IMP run with {key}={saved!r}, this one has {getattr(self, key)!r}")
         rew = sd["rewind"]
         self._rewind = None if rew is None else self._checked_rewind(rew, "state_dict")

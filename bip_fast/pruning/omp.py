@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import Algorithm, SGDGroup, _project_into
-from ._validate import Batch, _check_structure, check_sparsity
+from ._validate import Batch, _check_filter_norm, _check_structure, check_sparsity
 
 __all__ = ["OMP"]
 
@@ -21,6 +21,12 @@ class OMP(Algorithm):
     the earlier layer, then the lower flat index). ``step(batch)`` then retrains every parameter
     with SGD (momentum, weight decay) under that fixed mask; ``batch2`` is ignored. Scores are
     not trained (their gradient is switched off once at construction).
+
+    Filter pruning (OMP-F): ``structure="filter"`` keeps the round(d·F) filters of each layer with
+    the largest norm of their weights (``"group"``: whole channels of each coupled group, see
+    :func:`bip_fast.attach_groups`). ``filter_norm`` names the norm: ``"l2"`` (default, SPEC §2)
+    or ``"l1"``, which with the retraining that follows is the L1-norm filter pruning of Li et al.
+    (ICLR 2017): prune the filters whose weights have the smallest sum of absolute values, retrain.
     """
 
     name = "omp"
@@ -31,6 +37,7 @@ class OMP(Algorithm):
         sparsity: float,
         *,
         structure: str = "global",
+        filter_norm: str = "l2",
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -44,12 +51,14 @@ class OMP(Algorithm):
     ) -> None:
         self.sparsity_target = check_sparsity(sparsity)
         _check_structure(structure, self.sparsity_target, n, m)
+        self.filter_norm = _check_filter_norm(filter_norm, structure)
         self.structure = structure
         super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, compute_loss=compute_loss,
                          include=include, exclude=exclude)
         self._freeze_scores()
         self.param_groups = {"weights": SGDGroup("weights", self._lower_params(), lr, momentum, weight_decay)}
-        _project_into(self, self._weights(), 1.0 - self.sparsity_target, structure, n, m)
+        _project_into(self, self._weights(), 1.0 - self.sparsity_target, structure, n, m,
+                      filter_norm=self.filter_norm)
 
     def step(self, batch: Batch, batch2: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
         """One SGD step on ``batch`` under the fixed mask (``batch2`` is ignored)."""
