@@ -1,0 +1,353 @@
+"""The runs of ``benchmarks/structured.py``: the methods of the structured comparison (an algorithm
+and a mask structure each), their tuning, their resumable runs on the loop of ``_speedup_loop``,
+and what each pruned model costs at inference on the CPU (latency, MACs, parameters)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+try:  # imported as part of a package (python -m benchmarks.structured)
+    from . import _common as C
+    from ._speedup_loop import Ctx, Segment, _build, _load_result, _save_result, _warmup, evaluate, execute
+    from ._speedup_presets import GRIDS
+    from ._speedup_runs import _load_plain, _model_from, config_tag, hparams
+    from .compact import _ms
+except ImportError:  # run as a script, or loaded from its file path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _common as C  # type: ignore[no-redef]
+    from _speedup_loop import (  # type: ignore[no-redef]
+        Ctx, Segment, _build, _load_result, _save_result, _warmup, evaluate, execute)
+    from _speedup_presets import GRIDS  # type: ignore[no-redef]
+    from _speedup_runs import _load_plain, _model_from, config_tag, hparams  # type: ignore[no-redef]
+    from compact import _ms  # type: ignore[no-redef]
+
+import bip_fast
+from bip_fast.compaction import count_macs
+from bip_fast.nn import masked_modules
+
+# name -> (algorithm, mask structure, the method of benchmarks/speedup.py whose base settings and
+# grid it takes, extra constructor arguments)
+METHODS: Dict[str, Tuple[str, str, str, Dict[str, Any]]] = {
+    "bip_group": ("bip", "group", "bip_alternating", {}),
+    "bip_filter": ("bip", "filter", "bip_alternating", {}),
+    "imp_filter": ("imp", "filter", "imp", {}),
+    "omp_filter": ("omp", "filter", "omp", {}),
+    "hydra_filter": ("hydra", "filter", "hydra", {}),
+    "l1_filter": ("omp", "filter", "omp", {"filter_norm": "l1"}),
+    # the baselines on removable group masks (not in the default list)
+    "imp_group": ("imp", "group", "imp", {}),
+    "omp_group": ("omp", "group", "omp", {}),
+    "hydra_group": ("hydra", "group", "hydra", {}),
+    "l1_group": ("omp", "group", "omp", {"filter_norm": "l1"}),
+}
+DEFAULT_METHODS = ("bip_group", "bip_filter", "imp_filter", "omp_filter", "hydra_filter", "l1_filter")
+LABELS = {"bip_group": "BiP (group masks)", "bip_filter": "BiP (filter masks)", "imp_filter": "IMP-F",
+          "omp_filter": "OMP-F", "hydra_filter": "Hydra (filter)", "l1_filter": "L1-norm filter",
+          "imp_group": "IMP (group masks)", "omp_group": "OMP (group masks)", "hydra_group": "Hydra (group masks)",
+          "l1_group": "L1-norm (group masks)"}
+SPARSITIES = (0.2, 0.5, 0.8)
+IMP_RATE = 0.2  # IMP-F prunes about this fraction of the remaining filters per round
+TUNE_SEED = 0
+
+
+def label(method: str) -> str:
+    return LABELS.get(method, method)
+
+
+def tune_sparsity(sparsities: Sequence[float]) -> float:
+    """The sparsity the grids run at: the one closest to 50%."""
+    return min(sparsities, key=lambda s: (abs(s - 0.5), s))
+
+
+def imp_schedule(sparsities: Sequence[float], rate: float = IMP_RATE) -> List[Tuple[float, Optional[float]]]:
+    """IMP-F's rounds as (rate, target reached after the round or None): from each target to the
+    next, the whole number of rounds nearest to removing ``rate`` per round, at the one rate that
+    lands on the target (20/50/80%: 1 round of 20%, 2 of 20.9%, 4 of 20.5%)."""
+    rounds: List[Tuple[float, Optional[float]]] = []
+    prev = 0.0
+    for t in sorted(sparsities):
+        ratio = (1.0 - t) / (1.0 - prev)
+        n = max(1, round(math.log(ratio) / math.log(1.0 - rate)))
+        r = 1.0 - ratio ** (1.0 / n)
+        rounds += [(r, None)] * (n - 1) + [(r, t)]
+        prev = t
+    return rounds
+
+
+# --------------------------------------------------------------------------------------------
+# hyper-parameters and algorithms
+# --------------------------------------------------------------------------------------------
+def method_hparams(ctx: Ctx, method: str, config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Constructor hyper-parameters: the base settings of the speedup method it is tuned like,
+    updated by ``config`` (default: the choice in ``ctx.chosen``), "scaled" score lrs resolved."""
+    like = METHODS[method][2]
+    return hparams(ctx, like, ctx.chosen.get(method, {}) if config is None else config)
+
+
+def grid(method: str) -> List[Dict[str, Any]]:
+    return GRIDS[METHODS[method][2]]
+
+
+def classifier_name(model: torch.nn.Module) -> str:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+def example_input(ctx: Ctx) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, *ctx.data.test_x.shape[1:], generator=g)
+
+
+def make_algorithm(ctx: Ctx, method: str, model: torch.nn.Module, sparsity: float, hp: Dict[str, Any]):
+    """``method``'s algorithm on ``model``. Group masks: the model's coupled channels are traced
+    first (the classifier's outputs are the model's output and stay whole). Per-layer filter
+    masks: the classifier is left dense, as in the authors' structured runs (SPEC §2)."""
+    algo, structure, _, extra = METHODS[method]
+    st = ctx.steps
+    kw: Dict[str, Any] = dict(extra, structure=structure, momentum=0.9)
+    if structure == "group":
+        bip_fast.attach_groups(model, example_input(ctx).to(ctx.device))
+    else:
+        kw["exclude"] = [classifier_name(model)]
+    if algo == "bip":
+        return bip_fast.BiP(model, sparsity, total_steps=st["bip"], **kw, **hp)
+    if algo == "omp":
+        return bip_fast.OMP(model, sparsity, total_steps=st["omp"], **kw, **hp)
+    if algo == "hydra":
+        return bip_fast.Hydra(model, sparsity, score_weight_decay=hp["weight_decay"], total_steps=st["hydra_score"],
+                              finetune_steps=st["hydra_finetune"], **kw, **hp)
+    if algo == "imp":
+        return bip_fast.IMP(model, rate=IMP_RATE, rewind_step=0, total_steps=st["imp_round"], **kw, **hp)
+    raise ValueError(f"method: unknown method {method!r}")
+
+
+def segments(ctx: Ctx, method: str) -> List[Segment]:
+    algo, st = METHODS[method][0], ctx.steps
+    if algo == "bip":
+        return [Segment("bip", st["bip"])]
+    if algo == "omp":
+        return [Segment("retrain", st["omp"])]
+    return [Segment("hydra_score", st["hydra_score"]),
+            Segment("hydra_finetune", st["hydra_finetune"], enter=lambda a, s: a.finetune())]
+
+
+# --------------------------------------------------------------------------------------------
+# inference cost
+# --------------------------------------------------------------------------------------------
+def filter_sparsity(model: torch.nn.Module) -> float:
+    """Fraction of the filters (output channels) of the masked layers, the classifier excepted,
+    that keep no weight."""
+    cls = classifier_name(model)
+    kept = total = 0
+    for name, mod in masked_modules(model):
+        if name == cls:
+            continue
+        mk = mod.mask.transpose(0, getattr(mod, "out_dim", 0))
+        kept += int(mk.reshape(mk.shape[0], -1).any(dim=1).sum())
+        total += mk.shape[0]
+    return 1.0 - kept / max(total, 1)
+
+
+def _nonzero_params(model: torch.nn.Module) -> int:
+    """Parameters left by the masks: kept weights of the masked layers plus every other parameter
+    (biases, norm parameters), scores not counted."""
+    masked = dict(masked_modules(model))
+    skip = {id(m.weight) for m in masked.values()} | {id(m.scores) for m in masked.values()}
+    return sum(int(m.mask.sum()) for m in masked.values()) + sum(
+        p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def latencies(model: torch.nn.Module, example: torch.Tensor, batches: Sequence[int], threads: int,
+              min_run_time: float) -> Dict[str, float]:
+    """{batch: median ms} of ``model`` on the CPU (torch.utils.benchmark, ``threads`` threads,
+    inference_mode, eval mode)."""
+    out = {}
+    for b in batches:
+        x = torch.randn(b, *example.shape[1:])
+        out[str(b)] = _ms(lambda: model(x), threads, min_run_time)
+    return out
+
+
+def dense_cost(ctx: Ctx) -> Dict[str, Any]:
+    """The plain dense architecture: MACs, parameters and CPU latency."""
+    dense = _build(ctx.cfg["arch"]).eval()
+    ex = example_input(ctx)
+    lat = latencies(dense, ex, ctx.latency["batches"], ctx.latency["threads"], ctx.latency["min_run_time"])
+    return {"macs": count_macs(dense, ex[:1]), "params": sum(p.numel() for p in dense.parameters()),
+            "latency_ms": lat}
+
+
+def inference_cost(ctx: Ctx, model: torch.nn.Module, structure: str) -> Dict[str, Any]:
+    """What the pruned ``model`` costs at inference on the CPU, next to the dense architecture
+    timed at the same moment (so the ratios do not drift with the machine). Group masks: the
+    compacted model (:func:`bip_fast.compact`, which checks masked == compacted); per-layer filter
+    masks are not removable (a filter's BatchNorm shift still flows, coupled channels disagree):
+    their masked model is what runs."""
+    lt = ctx.latency
+    ex = example_input(ctx)
+    masked = copy.deepcopy(model).cpu().eval()
+    out: Dict[str, Any] = {"structure": structure, "removable": structure == "group",
+                           "filter_sparsity": filter_sparsity(masked), "nonzero_params": _nonzero_params(masked)}
+    if structure == "group":
+        run = bip_fast.compact(masked, ex).eval()
+        out["params"] = sum(p.numel() for p in run.parameters())
+    else:
+        run = masked
+        skip = {id(m.scores) for _, m in masked_modules(masked)}
+        out["params"] = sum(p.numel() for p in masked.parameters() if id(p) not in skip)
+    out["macs"] = count_macs(run, ex[:1])
+    dense = dense_cost(ctx)
+    out["dense_latency_ms"] = dense["latency_ms"]
+    out["masked_latency_ms"] = latencies(masked, ex, lt["batches"], lt["threads"], lt["min_run_time"])
+    out["latency_ms"] = (latencies(run, ex, lt["batches"], lt["threads"], lt["min_run_time"])
+                         if run is not masked else dict(out["masked_latency_ms"]))
+    out["latency_ratio"] = {b: out["latency_ms"][b] / dense["latency_ms"][b] for b in out["latency_ms"]}
+    out["macs_ratio"] = out["macs"] / dense["macs"]
+    out["params_ratio"] = out["params"] / dense["params"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# runs
+# --------------------------------------------------------------------------------------------
+def run_one_shot(ctx: Ctx, method: str, sparsity: float, seed: int, pre: Dict[str, Any],
+                 hp: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """BiP, OMP, Hydra or L1-norm pruning of the dense run of ``seed`` to ``sparsity`` filters."""
+    hp = method_hparams(ctx, method) if hp is None else hp
+    run_id = f"{method}-s{round(100 * sparsity)}-seed{seed}-{config_tag(hp)}"
+    done = _load_result(ctx, run_id)
+    if done is not None:
+        return done
+    bilevel = METHODS[method][0] == "bip"
+
+    def make():
+        return make_algorithm(ctx, method, _model_from(ctx, pre["final"]), sparsity, hp)
+
+    _warmup(ctx, method, make, bilevel)
+    alg = make()
+    segs = segments(ctx, method)
+    total = sum(s.steps for s in segs)
+    C.log(f"[structured] {run_id}: {total} steps")
+    state = execute(ctx, run_id, alg, segs, seed, bilevel, eval_at=[total])  # final evaluation only
+    last = state["curve"][-1]
+    result = {"method": method, "seed": seed, "target_sparsity": sparsity, "weight_sparsity": alg.sparsity(),
+              "test_acc": last["test_acc"], "val_acc": last.get("val_acc"), "train_seconds": state["train_seconds"],
+              "steps": total, "curve": state["curve"], "hparams": hp,
+              "inference": inference_cost(ctx, alg.model, METHODS[method][1])}
+    C.log(f"[structured] {run_id}: filters {result['inference']['filter_sparsity']:.3f} "
+          f"acc {result['test_acc']:.4f} {result['train_seconds']:.1f}s")
+    _save_result(ctx, run_id, result)
+    return result
+
+
+def run_imp(ctx: Ctx, method: str, seed: int, pre: Dict[str, Any], hp: Optional[Dict[str, Any]] = None,
+            until: Optional[float] = None) -> Dict[str, Any]:
+    """IMP-F from the dense run of ``seed``: prunes the trained weights, rewinds to the early ones
+    (step round(3/160·D) of the dense run), retrains D steps per round through
+    :func:`imp_schedule`; a record at every target. ``until``: stop after the round that
+    reaches that target, keeping the checkpoint (tuning); the chosen configuration continues."""
+    hp = method_hparams(ctx, method) if hp is None else hp
+    run_id = f"{method}-seed{seed}-{config_tag(hp)}"
+    done = _load_result(ctx, run_id)
+    if done is not None:
+        return done
+    plan = imp_schedule(ctx.sparsities)
+    structure = METHODS[method][1]
+
+    def make():
+        alg = make_algorithm(ctx, method, _model_from(ctx, pre["rewind"]), 0.0, hp)
+        with torch.no_grad():
+            _load_plain(alg.model, pre["final"])
+        return alg
+
+    def make_warm():
+        a = make()
+        a.next_round(plan[0][0])
+        return a
+
+    def record(target):
+        def end(a, state):
+            rec = {"round": a.round, "target_sparsity": target, "weight_sparsity": a.sparsity(),
+                   **evaluate(a.model, ctx), "cum_train_seconds": state["train_seconds"], "cum_steps": state["step"],
+                   "inference": inference_cost(ctx, a.model, structure)}
+            state["records"].append(rec)
+            C.log(f"[structured] {run_id} round {a.round}: filters {rec['inference']['filter_sparsity']:.3f} "
+                  f"acc {rec['test_acc']:.4f} cum {rec['cum_train_seconds']:.1f}s")
+        return end
+
+    _warmup(ctx, method, make_warm, False)
+    alg = make()
+    segs = [Segment(f"round{i + 1}", ctx.steps["imp_round"], enter=lambda a, s, r=r: a.next_round(r),
+                    end=None if t is None else record(t)) for i, (r, t) in enumerate(plan)]
+    stop = None if until is None else 1 + next(i for i, (_, t) in enumerate(plan) if t == until)
+    state = execute(ctx, run_id, alg, segs, seed, False, until=stop)
+    result = {"method": method, "seed": seed, "records": state["records"], "train_seconds": state["train_seconds"],
+              "hparams": hp, "rounds": [{"rate": r, "target": t} for r, t in plan],
+              "steps_per_round": ctx.steps["imp_round"]}
+    if len(state["records"]) == len(ctx.sparsities):
+        _save_result(ctx, run_id, result)
+    return result
+
+
+def run_method(ctx: Ctx, method: str, seed: int, pre: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One record per target sparsity: {method, seed, target_sparsity, test_acc, val_acc, inference, ...}."""
+    if METHODS[method][0] == "imp":
+        res = run_imp(ctx, method, seed, pre)
+        return [dict(rec, method=method, seed=seed, train_seconds=rec["cum_train_seconds"], hparams=res["hparams"],
+                     code=res.get("code", ctx.code)) for rec in res["records"]]
+    return [run_one_shot(ctx, method, s, seed, pre) for s in ctx.sparsities]
+
+
+# --------------------------------------------------------------------------------------------
+# tuning
+# --------------------------------------------------------------------------------------------
+def tune(ctx: Ctx, methods: Sequence[str], pre: Dict[str, Any], source: str,
+         tuned_from: Optional[str] = None) -> Dict[str, Any]:
+    """Set ``ctx.chosen`` for every method and say where each choice comes from.
+
+    ``"grid"``: every configuration of the method's grid (the grid and the rule of
+    benchmarks/speedup.py: 4 configurations each) runs at the sparsity nearest 50% from the dense
+    model of seed TUNE_SEED; the highest final validation accuracy wins (ties: the earlier).
+    ``"speedup"``: the configurations that benchmarks/speedup.py chose (unstructured pruning, its
+    rule) from the JSON ``tuned_from``. ``"none"``: the base settings."""
+    out: Dict[str, Any] = {}
+    if source == "speedup":
+        with open(tuned_from) as f:
+            chosen = json.load(f).get("tuning")
+        if not chosen:
+            raise ValueError(f"--tune speedup: {tuned_from} holds no 'tuning' (made before tuning existed?)")
+    target = tune_sparsity(ctx.sparsities)
+    for m in methods:
+        like = METHODS[m][2]
+        if source == "none":
+            ctx.chosen[m] = {}
+            out[m] = {"source": "base settings, not tuned", "chosen": method_hparams(ctx, m)}
+        elif source == "speedup":
+            ctx.chosen[m] = dict(chosen.get(like, {}).get("chosen") or {})
+            out[m] = {"source": f"benchmarks/speedup.py's choice for {like} ({tuned_from})",
+                      "chosen": ctx.chosen[m], "chosen_hparams": method_hparams(ctx, m)}
+        else:
+            tried = []
+            for cfg in grid(m):
+                hp = method_hparams(ctx, m, cfg)
+                if METHODS[m][0] == "imp":
+                    got = next(r for r in run_imp(ctx, m, TUNE_SEED, pre, hp, until=target)["records"]
+                               if r["target_sparsity"] == target)
+                else:
+                    got = run_one_shot(ctx, m, target, TUNE_SEED, pre, hp)
+                tried.append({"config": cfg, "hparams": hp, "val_acc": got["val_acc"], "test_acc": got["test_acc"]})
+                C.log(f"[structured] tuning {m} {cfg}: val {got['val_acc']:.4f}")
+            best = max(range(len(tried)), key=lambda i: (tried[i]["val_acc"], -i))
+            ctx.chosen[m] = dict(grid(m)[best])
+            out[m] = {"source": "grid", "configs": tried, "chosen": ctx.chosen[m],
+                      "chosen_hparams": tried[best]["hparams"], "target_sparsity": target, "seed": TUNE_SEED,
+                      "rule": f"highest final validation accuracy at {100 * target:.0f}% filter sparsity, seed "
+                              f"{TUNE_SEED} (ties: the earlier configuration); the choice serves every target and seed"}
+    return out
+
