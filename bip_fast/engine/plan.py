@@ -67,7 +67,8 @@ def plan_segments(cfg: RunConfig) -> List[Segment]:
     segs: List[Segment] = []
     if p.method == "imp":
         if (cfg.prune.structure or "global") != "global":
-            raise ValueError(f"structure: IMP prunes by global magnitude only, got {cfg.prune.structure!r}")
+            raise ValueError(f"structure: the command line runs IMP by global magnitude only, got "
+                             f"{cfg.prune.structure!r} (filter / group IMP: bip_fast.IMP(structure=...) in Python)")
         rounds = IMP.rounds_for(1.0 - p.sparsity, p.imp_rate)
         if not have:
             if p.rewind_epoch >= t.epochs:
