@@ -79,7 +79,11 @@ def _wait_for(path, proc, timeout=300):
 @needs_data
 def test_cli_interrupt_and_kill(tmp_path):
     out = tmp_path / "run"
-    args = ("pretrain", *QUICK, "--epochs", "3", "--out", out)
+    # 1,024 training images (32 steps per epoch), so that the signal sent as soon as config.yaml
+    # appears lands before the first checkpoint even on a loaded machine (64 images took ~1 s)
+    at = QUICK.index("--subset")
+    slower = [*QUICK[:at + 1], "1024", *QUICK[at + 2:]]
+    args = ("pretrain", *slower, "--epochs", "3", "--out", out)
     # Ctrl-C before the first checkpoint: one line that says so, no traceback, nothing to resume
     p = _start(*args)
     _wait_for(out / "config.yaml", p)

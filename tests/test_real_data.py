@@ -80,8 +80,10 @@ def test_bip_exact_budget_and_beats_random_mask(cifar, pretrained, tmp_path):
 
 
 def test_imp_geometric_series(cifar, pretrained, tmp_path):
+    # the densities of the series, not the rewind point, are under test here (the 3-epoch dense run
+    # keeps no epoch-3 rewind weights): rewind to the pretrained weights
     tr = Trainer(cfg(tmp_path / "imp", command="prune", method="imp", sparsity=0.36, epochs=1,
-                     pretrained=str(pretrained)), dataset=cifar, model_fn=small_cnn)
+                     pretrained=str(pretrained), rewind_to_pretrained=True), dataset=cifar, model_fn=small_cnn)
     rep = tr.run()
     rounds = rep["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]  # ceil(log 0.64 / log 0.8) = 2
