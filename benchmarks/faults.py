@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _fault_cases import LONG, QUICK, Case, all_cases, judge_refusal, record  # noqa: E402,F401
 from _fault_custom import CUSTOM  # noqa: E402
+from _common import git_commit  # noqa: E402
 
 
 class Runner:
@@ -169,6 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     rn = Runner(data, Path(args.work))
     out = Path(args.json)
+    code = git_commit(exclude=("benchmarks/results",))  # {"commit", "dirty"}: the code judged
     results: Dict[str, dict] = {}
     if args.resume and out.is_file():
         results = {r["name"]: r for r in json.loads(out.read_text())["cases"]}
@@ -190,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         results[name] = rec
         print(f"[{rec['verdict']:>7}] {name}  ({rec['exit']}, {rec['seconds']} s) {'; '.join(rec['why'])}",
               file=sys.stderr, flush=True)
-        doc = {"benchmark": "faults", "device": "cpu", "cpu": platform.processor() or platform.machine(),
+        doc = {"benchmark": "faults", **code, "device": "cpu", "cpu": platform.processor() or platform.machine(),
                "python": platform.python_version(), "config": {"quick": QUICK, "long": LONG, "data": str(data)},
                "summary": summarise(results), "cases": list(results.values())}
         out.parent.mkdir(parents=True, exist_ok=True)
