@@ -228,3 +228,27 @@ def test_prune_group_structure_then_export_compact(dense_run, tmp_path):
     with torch.no_grad():
         y, ref = small(x), plain(x)
     assert float((y - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+@needs_data
+def test_imp_filter_structure_from_the_cli(dense_run, tmp_path):
+    """``prune --method imp --structure filter`` is IMP-F: the plan says it prunes filters, and one
+    round at rate 0.2 leaves every conv layer with round(0.8 x filters) non-zero filters; a
+    structure IMP cannot take is refused before anything is written."""
+    run = tmp_path / "impf"
+    r = cli("prune", *QUICK, "--method", "imp", "--structure", "filter", "--sparsity", "0.2", "--pretrained",
+            dense_run, "--rewind-to-pretrained", "--out", run)
+    assert "remaining filters of each layer" in r.stdout.splitlines()[0] + r.stderr
+    masks = torch.load(run / "masks.pt")["masks"]
+    convs = [n for n, mk in masks.items() if mk.dim() == 4]
+    assert len(convs) > 10
+    for n in convs:
+        mk = masks[n]
+        rows = mk.flatten(1)
+        assert (rows.all(dim=1) | ~rows.any(dim=1)).all(), n  # whole filters
+        kept = int(rows.all(dim=1).sum())
+        assert kept == max(1, int(0.8 * mk.shape[0] + 0.5)), (n, kept, mk.shape[0])
+    bad = cli("prune", *QUICK, "--method", "imp", "--structure", "layer", "--sparsity", "0.2", "--pretrained",
+              dense_run, "--rewind-to-pretrained", "--out", tmp_path / "bad", check=False)
+    assert bad.returncode == 2 and "imp prunes globally" in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -114,9 +114,35 @@ def test_channels_in_more_layers_do_not_win_by_count():
         m.b.weight[[0, 3]] = 1.2
         m.fc.weight[:, [0, 3]] = 1.2
     bip_fast.OMP(m, 0.5, structure="group")
-    assert m.bn_b.channel_mask.tolist() == [True, False, False, True]
-    assert m.bn_a.channel_mask.tolist() == [False, False]
-    assert not m.a.mask.any() and not m.b.mask[:, :, 0, 0].any(dim=0).any()
+    # Top-2 by RMS is rows 0, 3, which would leave conv a (carried by rows 1, 2) without a channel:
+    # the guard swaps the lower of the tied rows 0, 3 (row 0) for a's best channel (row 1, a's 0).
+    assert m.bn_b.channel_mask.tolist() == [False, True, False, True]
+    assert m.bn_a.channel_mask.tolist() == [True, False]
+    assert m.a.mask[0].all() and not m.a.mask[1].any()
+
+
+def test_every_producing_layer_keeps_a_channel():
+    """b's rows 1, 2 (a's channels) score lowest; at any density every producing layer keeps a
+    channel and the group keeps exactly its count; where the count (1) is below the number of
+    producing layers (2), a warning says so."""
+    for density, want in ((0.75, 3), (0.5, 2), (0.25, 1)):
+        torch.manual_seed(0)
+        m = PadToy()
+        bip_fast.attach_groups(m, torch.randn(1, 2, 3, 3))
+        bip_fast.sparsify(m)
+        with torch.no_grad():
+            for mod in (m.a, m.b, m.fc):
+                mod.weight.fill_(1.0)
+            m.b.weight[[1, 2]] = 0.1
+            m.a.weight.fill_(0.1)
+            m.fc.weight[:, [1, 2]] = 0.1
+        if want == 1:
+            with pytest.warns(UserWarning, match="fewer channels than they have producing layers"):
+                bip_fast.OMP(m, 1 - density, structure="group")
+        else:
+            bip_fast.OMP(m, 1 - density, structure="group")
+            assert m.bn_a.channel_mask.any()
+        assert int(m.bn_b.channel_mask.sum()) == want
 
 
 def test_ties_go_to_the_lower_channel():
@@ -211,3 +237,40 @@ def test_existing_structures_unchanged_by_bias_mask():
     other = bip_fast.MaskedLinear(4, 3)
     other.load_state_dict(lin.state_dict())
     assert torch.equal(other.bias_mask, lin.bias_mask)
+
+
+def test_sync_norms_keep_channel_masks():
+    """DDP's sync_bn conversion (engine/loop.py) keeps the channel masks of a group-pruned model:
+    masked BatchNorm layers become MaskedSyncBatchNorm with the same Parameter and buffer objects,
+    and, outside a process group (SyncBatchNorm then normalises locally), compute what the
+    MaskedBatchNorm2d computed, in train and eval mode, gradients included."""
+    from bip_fast.nn import MaskedSyncBatchNorm, to_sync_norms
+
+    torch.manual_seed(0)
+    m = PadToy()
+    bip_fast.attach_groups(m, torch.randn(1, 2, 3, 3))
+    bip_fast.sparsify(m)
+    bip_fast.OMP(m, 0.5, structure="group")
+    randomise_norms(m)
+    ref = copy.deepcopy(m)
+    weight, mask = m.bn_b.weight, m.bn_b.channel_mask
+    assert not mask.all()
+    out = to_sync_norms(m)
+    assert out is m and type(m.bn_b) is MaskedSyncBatchNorm and type(m.bn_a) is MaskedSyncBatchNorm
+    assert m.bn_b.weight is weight and m.bn_b.channel_mask is mask
+    x = torch.randn(4, 2, 3, 3)
+    for train in (True, False):
+        m.train(train), ref.train(train)
+        y, y_ref = m(x), ref(x)
+        assert torch.allclose(y, y_ref, atol=1e-6)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        assert torch.allclose(m.bn_b.weight.grad, ref.bn_b.weight.grad, atol=1e-6)
+        assert (m.bn_b.weight.grad[~mask] == 0).all()
+        m.zero_grad(), ref.zero_grad()
+    assert torch.equal(m.bn_b.running_mean, ref.bn_b.running_mean)
+    # a plain BatchNorm becomes a plain SyncBatchNorm; the plain form bakes the mask in
+    plain = to_sync_norms(nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)))
+    assert type(plain[1]) is nn.SyncBatchNorm
+    baked = m.bn_b.to_plain()
+    assert type(baked) is nn.SyncBatchNorm and (baked.weight[~mask] == 0).all()

@@ -296,6 +296,9 @@ class RunConfig:
                 raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
         if not (math.isfinite(p.grasp_temperature) and p.grasp_temperature > 0):
             raise ValueError(f"grasp_temperature: expected a positive number, got {p.grasp_temperature!r}")
+        if p.method == "imp" and p.structure not in (None, "global", "filter", "group"):
+            raise ValueError(f"structure: imp prunes globally (global), whole filters per layer (filter, IMP-F) or "
+                             f"whole channel groups (group), got {p.structure!r}")
         if p.method in ("snip", "grasp", "synflow", "gmp") and p.structure not in (None, "global", "layer"):
             raise ValueError(f"structure: {p.method} prunes globally or layer-wise, got {p.structure!r}")
         if t.epochs is not None and t.epochs < 1:

@@ -36,7 +36,7 @@ from ..files import checkpoint as ckpt
 from ..files.runlock import RunLock
 from ..masks import save_masks
 from ..models import build
-from ..nn import masked_modules, sparsity_report
+from ..nn import masked_modules, sparsity_report, to_sync_norms
 from ..pruning.base import NonFiniteError
 from . import baselines
 from .checks import check_nm_layers, check_same_run
@@ -131,7 +131,7 @@ class Trainer:
 
     def _place(self, model: nn.Module) -> nn.Module:
         if self.world > 1 and self.cfg.train.sync_bn and self.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the Parameter objects
+            model = to_sync_norms(model)  # keeps the Parameter objects and the channel masks
         model = model.to(self.device)
         if self.cfg.data.channels_last:
             model = model.to(memory_format=torch.channels_last)

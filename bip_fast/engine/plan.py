@@ -66,9 +66,6 @@ def plan_segments(cfg: RunConfig) -> List[Segment]:
     have = bool(cfg.model.pretrained)
     segs: List[Segment] = []
     if p.method == "imp":
-        if (cfg.prune.structure or "global") != "global":
-            raise ValueError(f"structure: the command line runs IMP by global magnitude only, got "
-                             f"{cfg.prune.structure!r} (filter / group IMP: bip_fast.IMP(structure=...) in Python)")
         rounds = IMP.rounds_for(1.0 - p.sparsity, p.imp_rate)
         if not have:
             if p.rewind_epoch >= t.epochs:
@@ -126,8 +123,10 @@ def describe_plan(cfg: RunConfig, segments: List[Segment], steps_per_epoch: int,
             while j + 1 < len(segments) and segments[j + 1].kind == "imp":
                 j += 1
             n = j - i + 1
+            unit = {"filter": "filters of each layer", "group": "channels of each channel group"}.get(
+                p.structure or "global", "weights")
             parts.append(f"imp rounds {seg.round}-{segments[j].round} (each prunes {p.imp_rate:g} of the "
-                         f"remaining weights, rewinds and retrains) {n} x {shape}")
+                         f"remaining {unit}, rewinds and retrains) {n} x {shape}")
             i = j + 1
             continue
         if seg.name == "pretrain":

@@ -151,8 +151,8 @@ def build_algorithm(seg, cfg: RunConfig, model: nn.Module, steps_per_epoch: int,
                                     weight_decay=t.weight_decay, n=p.nm_n, m=p.nm_m, **common)
     if seg.kind == "imp":
         rewind = 0 if cfg.model.pretrained else p.rewind_epoch * steps_per_epoch
-        return get_algorithm("imp")(model, rate=p.imp_rate, rewind_step=rewind, lr=t.lr,
-                                    weight_decay=t.weight_decay, **common)
+        return get_algorithm("imp")(model, rate=p.imp_rate, rewind_step=rewind, structure=p.structure or "global",
+                                    lr=t.lr, weight_decay=t.weight_decay, **common)
     if seg.kind == "hydra":
         score_total = max(p.hydra_score_epochs, 1) * steps_per_epoch
         return get_algorithm("hydra")(

@@ -16,7 +16,9 @@ Projection (:func:`project_groups`): a channel's score is the root-mean-square o
 all its member slices (every masked conv / linear that produces or reads it; see there why the
 mean), or with ``filter_norm="l1"`` their mean absolute value; each group keeps
 ``max(1, round(density · channels))`` channels, exactly, ties to the lower channel index
-(``within``: of the channels that the current masks still keep, for iterative pruning). A
+(``within``: of the channels that the current masks still keep, for iterative pruning), and
+every layer that produces channels of a group keeps at least one of them (a merged group's layers
+produce parts of its channels; see :func:`_every_producer_keeps_one`). A
 removed channel is masked in every member: filters, input slices, biases and BatchNorm scale and
 shift, so it outputs exactly 0 and :func:`bip_fast.compact` can cut it out without changing the
 function.
@@ -129,6 +131,42 @@ def _alive_channels(groups_on_device: list, channels: int, names: Dict[str, int]
     return hits > 0
 
 
+def _every_producer_keeps_one(keep: torch.Tensor, value: torch.Tensor, mems: list,
+                              alive: Optional[torch.Tensor], group: ChannelGroup, short: list) -> torch.Tensor:
+    """Swap channels so that every layer producing channels of the group (an ``"out"`` member)
+    keeps at least one of them, without changing how many the group keeps.
+
+    Only merged groups need it: where a channel-padding shortcut joins stages, a layer produces
+    part of the group's channels (ResNet-8's stem: 16 of 64), and at high sparsity the top-K can
+    land on the other layers' channels only, leaving a layer with no output, which disconnects
+    the network (every later layer sees a constant). Each empty layer gets its best channel back
+    (of those ``alive``, if given) in exchange for the lowest-valued kept channel that is not the
+    last one of some layer; where no such exchange exists (more producing layers than kept
+    channels) the layer stays empty and ``short`` records the group."""
+    producers = [ch for m, _, ch in mems if m.kind == "out" and ch.numel()]
+    if len(producers) < 2 or all(bool(keep[ch].any()) for ch in producers):
+        return keep
+    keep = keep.clone()
+    for ch in producers:
+        if bool(keep[ch].any()):
+            continue
+        cand = ch if alive is None else ch[alive[ch]]
+        if cand.numel() == 0:
+            continue  # every channel of this layer is already removed (iterative pruning)
+        droppable = keep.clone()
+        for other in producers:
+            kept = other[keep[other]]
+            if kept.numel() == 1:
+                droppable[kept] = False
+        if not bool(droppable.any()):
+            short.append(group.members[0].name)
+            break
+        drop_value = torch.where(droppable, value, torch.full_like(value, float("inf")))
+        keep[int(torch.argmin(drop_value))] = False  # first index among ties
+        keep[int(cand[torch.argmax(value[cand])])] = True
+    return keep
+
+
 def project_groups(model: nn.Module, names: Sequence[str], scores: Sequence[torch.Tensor], density: float,
                    backend: Optional[str] = None, filter_norm: str = "l2",
                    within: Optional[Sequence[torch.Tensor]] = None):
@@ -152,7 +190,7 @@ def project_groups(model: nn.Module, names: Sequence[str], scores: Sequence[torc
     if not scores:
         return masks, vectors
     dev = scores[0].device
-    skipped = []
+    skipped, short = [], []
     for g, mems in zip(groups.groups, _on_device(groups, dev)):
         if not g.prunable:
             continue
@@ -169,6 +207,7 @@ def project_groups(model: nn.Module, names: Sequence[str], scores: Sequence[torc
             if bool(alive.any()):
                 keep[alive] = ops.topk_masks([value[alive]], max(1, keep_count(int(alive.sum()), density)),
                                              backend=backend)[0]
+        keep = _every_producer_keeps_one(keep, value, mems, None if within is None else alive, g, short)
         for m, idx, ch in mems:
             if m.kind == "pad":
                 continue
@@ -189,6 +228,10 @@ def project_groups(model: nn.Module, names: Sequence[str], scores: Sequence[torc
                 vectors[m.name] = vectors[m.name] & vec if m.name in vectors else vec
     if within is not None:
         masks = [mk & w for mk, w in zip(masks, within)]
+    if short:
+        warnings.warn(f"structure='group': {len(short)} channel group(s) keep fewer channels than they have "
+                      f"producing layers (e.g. {short[0]!r}), so a layer outputs no channel at all; lower the "
+                      f"sparsity", UserWarning, stacklevel=3)
     if skipped and not groups._warned:
         groups._warned = True
         warnings.warn(f"structure='group': {len(skipped)} channel group(s) hold a conv / linear layer that is not "

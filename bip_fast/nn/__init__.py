@@ -21,7 +21,7 @@ from .modules import (
     MaskedLinear,
     MaskedMultiheadAttention,
 )
-from .norm import MASKED_NORM_TYPES, MaskedBatchNorm1d, MaskedBatchNorm2d, MaskedBatchNorm3d
+from .norm import MASKED_NORM_TYPES, MaskedBatchNorm1d, MaskedBatchNorm2d, MaskedBatchNorm3d, MaskedSyncBatchNorm, to_sync_norms
 
 __all__ = [
     "MaskedConv1d",
@@ -35,6 +35,8 @@ __all__ = [
     "MaskedBatchNorm1d",
     "MaskedBatchNorm2d",
     "MaskedBatchNorm3d",
+    "MaskedSyncBatchNorm",
+    "to_sync_norms",
     "MASKED_NORM_TYPES",
     "MASKED_TYPES",
     "MASKED_OF",

@@ -88,8 +88,29 @@ MaskedBatchNorm1d = _make(nn.BatchNorm1d)
 MaskedBatchNorm2d = _make(nn.BatchNorm2d)
 MaskedBatchNorm3d = _make(nn.BatchNorm3d)
 
+
+
+class MaskedSyncBatchNorm(_ChannelMaskedNorm, nn.SyncBatchNorm):
+    """nn.SyncBatchNorm with a channel mask (DDP with ``sync_bn``; :func:`to_sync_norms`).
+
+    SyncBatchNorm's own forward (statistics over the whole process group) times the mask:
+    (x̂·w + b)·m = x̂·(w·m) + b·m, so outputs and gradients equal the masked scale and shift of
+    :class:`MaskedBatchNorm2d` (one multiply of the activations more)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None) -> None:
+        nn.SyncBatchNorm.__init__(self, num_features, eps, momentum, affine, track_running_stats, process_group,
+                                  device, dtype)
+        self._init_channel_mask()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = nn.SyncBatchNorm.forward(self, input)
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        return out * self.channel_mask.to(out.dtype).view(shape)
+
+
 MASKED_NORM_OF: Dict[type, type] = {nn.BatchNorm1d: MaskedBatchNorm1d, nn.BatchNorm2d: MaskedBatchNorm2d,
-                                    nn.BatchNorm3d: MaskedBatchNorm3d}
+                                    nn.BatchNorm3d: MaskedBatchNorm3d, nn.SyncBatchNorm: MaskedSyncBatchNorm}
 PLAIN_NORM_OF: Dict[type, type] = {v: k for k, v in MASKED_NORM_OF.items()}
 MASKED_NORM_TYPES = tuple(PLAIN_NORM_OF)
 
@@ -103,9 +124,38 @@ def to_masked_norm(bn: nn.Module) -> nn.Module:
     for k in ("running_mean", "running_var", "num_batches_tracked"):
         new._buffers[k] = bn._buffers.get(k)
     new._buffers["channel_mask"] = torch.ones(bn.num_features, dtype=torch.bool, device=bn.weight.device)
+    if isinstance(bn, nn.SyncBatchNorm):
+        new.process_group = bn.process_group
     new.train(bn.training)
     return new
 
 
-__all__ = ["MaskedBatchNorm1d", "MaskedBatchNorm2d", "MaskedBatchNorm3d", "MASKED_NORM_OF", "MASKED_NORM_TYPES",
-           "to_masked_norm"]
+def to_sync_norms(model: nn.Module, process_group=None) -> nn.Module:
+    """nn.SyncBatchNorm.convert_sync_batchnorm that keeps channel masks: channel-masked BatchNorm
+    layers become :class:`MaskedSyncBatchNorm`, plain ones nn.SyncBatchNorm; the very Parameter
+    and buffer objects (the channel mask included) are kept. Returns the model (a new object only
+    where ``model`` itself is a BatchNorm layer)."""
+    def convert(bn: nn.Module) -> nn.Module:
+        if isinstance(bn, nn.SyncBatchNorm):
+            return bn
+        if isinstance(bn, MASKED_NORM_TYPES):
+            new = MaskedSyncBatchNorm(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                                      track_running_stats=bn.track_running_stats, process_group=process_group,
+                                      device="meta", dtype=bn.weight.dtype)
+            new.weight, new.bias = bn.weight, bn.bias
+            for k in ("running_mean", "running_var", "num_batches_tracked", "channel_mask"):
+                new._buffers[k] = bn._buffers.get(k)
+            new.train(bn.training)
+            return new
+        return nn.SyncBatchNorm.convert_sync_batchnorm(bn, process_group)
+
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        return convert(model)
+    for name, bn in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, convert(bn))
+    return model
+
+
+__all__ = ["MaskedBatchNorm1d", "MaskedBatchNorm2d", "MaskedBatchNorm3d", "MaskedSyncBatchNorm", "MASKED_NORM_OF",
+           "MASKED_NORM_TYPES", "to_masked_norm", "to_sync_norms"]
