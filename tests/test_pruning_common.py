@@ -1,6 +1,7 @@
 """Shared by all pruning algorithms: SGD and cosine schedule, resume, input checks, registry, metrics, conv nets."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -187,3 +188,19 @@ def test_every_algorithm_trains_a_conv_net(name):
             assert per == [math.floor(0.25 * m.numel() + 0.5) for m in alg.masks()]
         else:
             assert sum(per) == math.floor(0.25 * sum(m.numel() for m in alg.masks()) + 0.5)
+
+
+def test_include_exclude_on_an_already_masked_model_warn():
+    """A model that already holds masked layers is not sparsified again: include/exclude given to
+    the algorithm would be ignored silently, so a warning names the way that works."""
+    import bip_fast
+
+    torch.manual_seed(0)
+    model = bip_fast.sparsify(conv_net(), exclude=["8"])
+    before = [n for n, _ in masked_modules(model)]
+    with pytest.warns(UserWarning, match="include/exclude are ignored"):
+        alg = OMP(model, 0.5, exclude=["0"])
+    assert [n for n, _ in masked_modules(alg.model)] == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OMP(bip_fast.sparsify(conv_net()), 0.5)  # no include/exclude: no warning

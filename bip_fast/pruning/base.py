@@ -36,6 +36,7 @@ from finite values.
 from __future__ import annotations
 
 import math
+import warnings
 import re
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -172,6 +173,11 @@ class Algorithm:
         self.compute_loss = compute_loss
         if self.uses_masks and not masked_modules(model):
             model = sparsify(model, include=include, exclude=exclude)
+        elif self.uses_masks and (include is not None or exclude is not None):
+            warnings.warn("include/exclude: the model already holds masked layers, so it is not sparsified "
+                          "again and include/exclude are ignored; pass them to bip_fast.sparsify(model, ...) "
+                          "instead (it keeps the masked layers and masks the others it selects)",
+                          UserWarning, stacklevel=3)
         self.model = model
         named = masked_modules(model)
         self.module_names: List[str] = [n for n, _ in named]
