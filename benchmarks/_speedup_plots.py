@@ -9,13 +9,14 @@ import sys
 from typing import Any, Dict, List, Sequence
 
 try:  # imported as part of a package (python -m benchmarks.speedup)
-    from ._speedup_report import TARGET_ROUNDS, _imp_at, label, mean_std, target_sparsity
+    from ._speedup_report import _imp_at, label, mean_std, target_sparsity
 except ImportError:  # run as a script, or loaded from its file path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _speedup_report import TARGET_ROUNDS, _imp_at, label, mean_std, target_sparsity  # type: ignore[no-redef]
+    from _speedup_report import _imp_at, label, mean_std, target_sparsity  # type: ignore[no-redef]
 
 
-def plots(out_dir: str, rows, results, dense: Dict[str, Any], title: str, methods: Sequence[str]) -> List[str]:
+def plots(out_dir: str, rows, results, dense: Dict[str, Any], title: str, methods: Sequence[str],
+          targets: Sequence[int]) -> List[str]:
     import matplotlib
     import matplotlib.ticker
     matplotlib.use("Agg")
@@ -70,8 +71,8 @@ def plots(out_dir: str, rows, results, dense: Dict[str, Any], title: str, method
 
     # accuracy against training cost (calibrated where measured), one panel per target sparsity;
     # the accuracy that decides (validation where the preset has it) against IMP's mean
-    fig, axes = plt.subplots(1, len(TARGET_ROUNDS), figsize=(4.2 * len(TARGET_ROUNDS), 4.0), squeeze=False)
-    for ax, rnd in zip(axes[0], TARGET_ROUNDS):
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 4.0), squeeze=False)
+    for ax, rnd in zip(axes[0], targets):
         t = target_sparsity(rnd)
         imp_row = next((x for x in rows if x["method"] == "imp" and abs(x["target_sparsity"] - t) < 1e-9), None)
         key = imp_row["decided_on"] if imp_row is not None else "test_acc"

@@ -1,6 +1,7 @@
 """Accounting and reporting for ``benchmarks/speedup.py``: aggregation over seeds, time to IMP's
 accuracy, the dense-convergence check, winning tickets, the markdown tables and the plots.
 
+The paired statistics live in ``_speedup_stats``, the markdown tables in ``_speedup_tables``.
 Everything here is a pure function of the per-run result dicts that speedup.py writes to
 ``runs/*.json`` (so a report can be rebuilt from committed runs without training anything):
 
@@ -13,11 +14,23 @@ Everything here is a pure function of the per-run result dicts that speedup.py w
 
 from __future__ import annotations
 
+import math
+import os
+import random
 import statistics
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+try:  # imported as part of a package (python -m benchmarks.speedup)
+    from ._speedup_stats import NONINFERIORITY_MARGIN, by_seed, paired, paired_diff
+except ImportError:  # run as a script, or loaded from its file path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _speedup_stats import NONINFERIORITY_MARGIN, by_seed, paired, paired_diff  # type: ignore[no-redef]
+
 IMP_RATE = 0.2
-TARGET_ROUNDS = (3, 6, 9)  # 0.8^r: 48.8%, 73.8%, 86.6% sparsity
+TARGET_ROUNDS = (3, 6, 9)  # 0.8^r: 48.8%, 73.8%, 86.6% sparsity (the default; a preset may name its own)
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
 LABELS = {"imp": "IMP", "bip_alternating": "BiP (alternating)", "bip_fused": "BiP (fused)",
           "bip_official": "BiP (official variant)", "bip_paper": "BiP (paper hparams)", "omp": "OMP",
           "hydra": "Hydra", "gmp": "GMP", "snip": "SNIP", "grasp": "GraSP", "synflow": "SynFlow", "dense": "dense"}
@@ -93,7 +106,9 @@ def convergence(dense_runs: Sequence[Dict[str, Any]], long_runs: Sequence[Dict[s
 # aggregation
 # --------------------------------------------------------------------------------------------
 def _imp_at(results, rnd: int) -> List[Dict[str, Any]]:
-    return [rec for res in results.get("imp", []) for rec in res["records"] if rec["round"] == rnd]
+    """IMP's records at round ``rnd``, one per seed (each with its run's seed)."""
+    return [dict(rec, seed=res["seed"]) for res in results.get("imp", []) for rec in res["records"]
+            if rec["round"] == rnd]
 
 
 def decision_key(points: Sequence[Dict[str, Any]]) -> str:
@@ -117,13 +132,67 @@ def mean_curve(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
-def time_to_accuracy(curve: Sequence[Dict[str, Any]], threshold: float,
-                     key: str = "test_acc") -> Optional[Dict[str, Any]]:
-    """The first point of ``curve`` whose mean ``key`` accuracy reaches ``threshold`` (None: never)."""
+def crossing(curve: Sequence[Dict[str, Any]], threshold: float, key: str = "test_acc") -> Optional[Dict[str, Any]]:
+    """Where ``curve`` first reaches ``threshold``, interpolated linearly between the last point
+    below it and the first point at or above it (step, seconds, cost and test accuracy alike);
+    None: never. A curve whose first point already reaches it gives that point, flagged
+    ``"interpolated": False`` (no earlier evaluation: the crossing is at that point or before)."""
+    prev = None
     for p in curve:
         if p[key] >= threshold:
-            return p
+            if prev is None:
+                return dict(p, interpolated=False)
+            f = (threshold - prev[key]) / (p[key] - prev[key])
+            out = {"interpolated": True, "fraction": f}
+            for k in ("step", "train_seconds", "cost_seconds", "test_acc", "val_acc"):
+                if p.get(k) is not None and prev.get(k) is not None:
+                    out[k] = prev[k] + f * (p[k] - prev[k])
+            out[key] = threshold
+            return out
+        prev = p
     return None
+
+
+def speedup_bootstrap(imp: Sequence[Dict[str, Any]], runs: Sequence[Dict[str, Any]], method: str,
+                      calib: Optional[Dict[str, Any]], key: str, samples: int = BOOTSTRAP_SAMPLES,
+                      seed: int = BOOTSTRAP_SEED) -> Optional[Dict[str, Any]]:
+    """90% percentile-bootstrap interval over seeds of the speedup at IMP's accuracy.
+
+    Each resample draws seeds with replacement (the same seeds for IMP and the method: paired),
+    sets IMP's threshold (the mean ``key`` accuracy of the drawn IMP records) and cost, and finds
+    the crossing of the drawn runs' mean curve (``crossing``). A resample in which the method never
+    reaches the threshold counts as speedup 0; a lower end of 0 is reported as None ("never")."""
+    imp_by = {x["seed"]: x for x in imp}
+    run_by = {r["seed"]: r for r in runs}
+    seeds = sorted(set(imp_by) & set(run_by))
+    if len(seeds) < 2:
+        return None
+    rng = random.Random(seed)
+    vals = []
+    for _ in range(samples):
+        draw = [rng.choice(seeds) for _ in seeds]
+        thr = statistics.mean(imp_by[s][key] for s in draw)
+        cost, ckey = _imp_cost([imp_by[s] for s in draw], calib)
+        curve = mean_curve([run_by[s] for s in draw])
+        for p in curve:
+            p["cost_seconds"] = cost_at(calib, method, p["step"])
+        hit = crossing(curve, thr, key)
+        x = None if hit is None else hit.get(ckey)
+        vals.append(cost / x if x and cost else 0.0)
+    vals.sort()
+    lo, hi = vals[int(0.05 * (samples - 1))], vals[int(math.ceil(0.95 * (samples - 1)))]
+    return {"ci90": [lo if lo > 0 else None, hi if hi > 0 else None],
+            "reached_fraction": sum(v > 0 for v in vals) / samples, "samples": samples, "seeds": seeds,
+            "method": "percentile bootstrap over seeds (paired), crossing interpolated; never = speedup 0"}
+
+
+def _imp_cost(recs: Sequence[Dict[str, Any]], calib: Optional[Dict[str, Any]]) -> Tuple[Optional[float], str]:
+    """IMP's cost at a target: the calibrated cost of its mean steps where calibrated ("cost_seconds"),
+    else its mean wall-clock seconds ("train_seconds")."""
+    steps = [x.get("cum_steps") for x in recs]
+    if calib and None not in steps:
+        return cost_at(calib, "imp", statistics.mean(steps)), "cost_seconds"
+    return statistics.mean(x["cum_train_seconds"] for x in recs), "train_seconds"
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,16 +229,25 @@ def control(calib: Optional[Dict[str, Any]], wall: Dict[str, float], limit: floa
 
 
 def aggregate(results: Dict[str, List[Dict[str, Any]]], methods: Sequence[str],
-              calib: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
-    """One row per (target, method): fixed-budget accuracy and time, plus time to IMP's accuracy.
+              calib: Optional[Dict[str, Any]] = None, rounds: Sequence[int] = TARGET_ROUNDS,
+              dense_runs: Sequence[Dict[str, Any]] = ()) -> List[Dict[str, Any]]:
+    """One row per (target, method): fixed-budget accuracy and time, time to IMP's accuracy, and
+    the paired comparisons.
 
     IMP's accuracy is its mean validation accuracy at the target (the test accuracy where the
-    preset has no validation split); a method reaches it at the first evaluation point whose mean
-    (over seeds) reaches it, and its test accuracy is reported at that point. Time is counted
+    preset has no validation split); a method reaches it where the mean (over seeds) of its curve
+    crosses it, interpolated between evaluation points (``crossing``), and its test accuracy is
+    reported there; the speedup there gets a 90% bootstrap interval over seeds. Time is counted
     twice: the calibrated cost (``calib``'s per-step seconds x steps) and the wall clock of the
-    runs; the headline speedups use the calibrated cost when there is one."""
+    runs; the headline speedups use the calibrated cost when there is one.
+
+    Paired statistics (``paired``): every method's seed s starts from the dense model of seed s,
+    as IMP's seed s does, so each row compares per seed: ``paired_vs_imp`` (final test accuracy
+    minus IMP's at the same target and seed; ``paired_vs_imp_val`` on validation) and
+    ``paired_vs_dense`` (minus the dense model of the same seed)."""
     rows: List[Dict[str, Any]] = []
-    for rnd in TARGET_ROUNDS:
+    dense_test = by_seed(dense_runs, "test_acc")
+    for rnd in rounds:
         target = target_sparsity(rnd)
         imp = _imp_at(results, rnd)
         key = decision_key(imp)
@@ -179,11 +257,12 @@ def aggregate(results: Dict[str, List[Dict[str, Any]]], methods: Sequence[str],
             imp_sec = statistics.mean(x["cum_train_seconds"] for x in imp)
             steps = [x.get("cum_steps") for x in imp]
             imp_cost = cost_at(calib, "imp", statistics.mean(steps)) if None not in steps else None
-            row = {"method": "imp", "schedule": f"{rnd} rounds", "target_sparsity": target,
+            row = {"method": "imp", "schedule": f"{rnd} rounds", "structure": "global", "target_sparsity": target,
                    "sparsity": statistics.mean(x["sparsity"] for x in imp), "test_acc": imp_acc,
                    "test_acc_std": imp_std, "test_acc_per_seed": [x["test_acc"] for x in imp],
-                   "n_seeds": len(imp), "train_seconds": imp_sec, "cost_seconds": imp_cost, "imp_time_ratio": 1.0,
-                   "decided_on": key}
+                   "seeds": [x["seed"] for x in imp], "n_seeds": len(imp), "train_seconds": imp_sec,
+                   "cost_seconds": imp_cost, "imp_time_ratio": 1.0, "decided_on": key,
+                   "paired_vs_dense": paired(paired_diff(by_seed(imp, "test_acc"), dense_test))}
             if key == "val_acc":
                 row["val_acc"], row["val_acc_std"] = mean_std([x["val_acc"] for x in imp])
                 row["val_acc_per_seed"] = [x["val_acc"] for x in imp]
@@ -201,39 +280,50 @@ def aggregate(results: Dict[str, List[Dict[str, Any]]], methods: Sequence[str],
             curve = mean_curve(got)
             for p in curve:
                 p["cost_seconds"] = cost_at(calib, m, p["step"])
-            row = {"method": m, "schedule": SCHEDULES.get(m, m), "target_sparsity": target,
+            hp = got[0].get("hparams") or {}
+            row = {"method": m, "schedule": SCHEDULES.get(m, m), "structure": hp.get("structure", "global"),
+                   "target_sparsity": target,
                    "sparsity": statistics.mean(x["sparsity"] for x in got), "test_acc": acc, "test_acc_std": std,
-                   "test_acc_per_seed": [x["test_acc"] for x in got], "n_seeds": len(got),
-                   "train_seconds": sec, "cost_seconds": cost,
+                   "test_acc_per_seed": [x["test_acc"] for x in got], "seeds": [x["seed"] for x in got],
+                   "n_seeds": len(got), "train_seconds": sec, "cost_seconds": cost,
                    "imp_time_ratio": (imp_sec / sec) if imp_sec else None,
                    "imp_cost_ratio": (imp_cost / cost) if imp_cost and cost else None,
-                   "curve": curve, "hparams": got[0].get("hparams")}
+                   "curve": curve, "hparams": got[0].get("hparams"),
+                   "paired_vs_dense": paired(paired_diff(by_seed(got, "test_acc"), dense_test))}
             if all(x.get("val_acc") is not None for x in got):
                 row["val_acc"], row["val_acc_std"] = mean_std([x["val_acc"] for x in got])
                 row["val_acc_per_seed"] = [x["val_acc"] for x in got]
             if imp:
+                row["paired_vs_imp"] = paired(paired_diff(by_seed(got, "test_acc"), by_seed(imp, "test_acc")))
+                if key == "val_acc" and "val_acc" in row:
+                    row["paired_vs_imp_val"] = paired(paired_diff(by_seed(got, "val_acc"), by_seed(imp, "val_acc")))
                 ckey = key if all(key in p for p in curve) else "test_acc"
-                hit = time_to_accuracy(curve, threshold, ckey)
+                hit = crossing(curve, threshold, ckey)
                 row.update(imp_accuracy_threshold=threshold, decided_on=ckey)
                 row["steps_to_imp_accuracy"] = None if hit is None else hit["step"]
+                row["crossing_interpolated"] = None if hit is None else hit["interpolated"]
                 row["wall_seconds_to_imp_accuracy"] = None if hit is None else hit["train_seconds"]
-                row["cost_seconds_to_imp_accuracy"] = None if hit is None else hit["cost_seconds"]
-                row["test_acc_at_imp_accuracy"] = None if hit is None else hit["test_acc"]
+                row["cost_seconds_to_imp_accuracy"] = None if hit is None else hit.get("cost_seconds")
+                row["test_acc_at_imp_accuracy"] = None if hit is None else hit.get("test_acc")
                 row["wall_speedup_at_imp_accuracy"] = None if hit is None else imp_sec / hit["train_seconds"]
-                row["cost_speedup_at_imp_accuracy"] = (None if hit is None or not imp_cost or not hit["cost_seconds"]
+                row["cost_speedup_at_imp_accuracy"] = (None if hit is None or not imp_cost or not hit.get("cost_seconds")
                                                        else imp_cost / hit["cost_seconds"])
                 row["speedup_at_imp_accuracy"] = (row["cost_speedup_at_imp_accuracy"] if calib
                                                   else row["wall_speedup_at_imp_accuracy"])
+                if hit is not None:
+                    row["speedup_at_imp_accuracy_ci90"] = speedup_bootstrap(imp, got, m, calib, ckey)
                 best = max((p[ckey] for p in curve), default=acc)
                 row["gap_to_imp_accuracy"] = None if hit is not None else threshold - best
             rows.append(row)
     return rows
 
 
-def verdicts(rows: List[Dict[str, Any]], methods: Sequence[str]) -> List[Dict[str, Any]]:
-    """Per target and BiP method: accuracy against IMP's mean - std, and the speedup there."""
+def verdicts(rows: List[Dict[str, Any]], methods: Sequence[str],
+             rounds: Sequence[int] = TARGET_ROUNDS) -> List[Dict[str, Any]]:
+    """Per target and BiP method: the paired accuracy verdict against IMP (``paired``: better,
+    non-inferior, worse or inconclusive) and the speedup at IMP's accuracy with its interval."""
     out = []
-    for rnd in TARGET_ROUNDS:
+    for rnd in rounds:
         t = target_sparsity(rnd)
         imp = next((x for x in rows if x["method"] == "imp" and abs(x["target_sparsity"] - t) < 1e-9), None)
         if imp is None:
@@ -244,140 +334,47 @@ def verdicts(rows: List[Dict[str, Any]], methods: Sequence[str]) -> List[Dict[st
             b = next((x for x in rows if x["method"] == m and abs(x["target_sparsity"] - t) < 1e-9), None)
             if b is None:
                 continue
-            std = imp["test_acc_std"]
-            if b["test_acc"] >= imp["test_acc"]:
-                acc_v = "better or equal"
-            elif std is not None and b["test_acc"] >= imp["test_acc"] - std:
-                acc_v = "within one std"
-            elif std is None:
-                acc_v = "worse (single seed, no std)"
-            else:
-                acc_v = "worse by more than one std"
             need = SPEEDUP_TARGETS.get(rnd)
             eq = b.get("speedup_at_imp_accuracy")
+            ci = (b.get("speedup_at_imp_accuracy_ci90") or {}).get("ci90")
             fixed = b["imp_cost_ratio"] if b.get("imp_cost_ratio") is not None else b["imp_time_ratio"]
+            pv = b.get("paired_vs_imp") or {}
             out.append({"target_sparsity": t, "method": m, "fixed_budget_speedup": fixed,
                         "wall_fixed_budget_speedup": b["imp_time_ratio"],
-                        "speedup_at_imp_accuracy": eq, "speedup_target": need,
-                        "speedup_passed": None if need is None else bool(eq is not None and eq >= need),
-                        "acc_delta": b["test_acc"] - imp["test_acc"], "imp_acc_std": std,
-                        "accuracy_verdict": acc_v,
-                        "accuracy_passed": acc_v in ("better or equal", "within one std")})
+                        "speedup_at_imp_accuracy": eq, "speedup_at_imp_accuracy_ci90": ci,
+                        "speedup_target": need,
+                        "speedup_passed": None if need is None else bool(ci is not None and ci[0] is not None
+                                                                         and ci[0] >= need),
+                        "acc_delta": b["test_acc"] - imp["test_acc"], "imp_acc_std": imp["test_acc_std"],
+                        "paired_vs_imp": pv or None, "accuracy_verdict": pv.get("verdict", "no paired seeds"),
+                        "accuracy_passed": pv.get("verdict") in ("better", "non-inferior")})
     return out
 
 
 def winning_tickets(rows: List[Dict[str, Any]], results, dense_acc: float, methods: Sequence[str]) -> Dict[str, Any]:
-    """Per method, the sparsest evaluated sparsity whose mean accuracy is >= the dense mean.
-
-    IMP is evaluated at every round of the paper's series it ran; the one-shot methods only at the
-    targets they ran (so their ticket can only be one of those sparsities)."""
+    """Per method, the paper's Table 1 metric: the sparsest winning ticket, the highest target at
+    which the method is non-inferior to dense (the lower end of the 95% t-interval of its paired
+    per-seed test-accuracy difference to the same seed's dense model above -1 point). Every method
+    is judged at the same targets (IMP's other rounds are listed in ``imp_every_round``)."""
     out: Dict[str, Any] = {}
-    rounds = sorted({rec["round"] for res in results.get("imp", []) for rec in res["records"]})
-    imp_pts = []
-    for rnd in rounds:
-        recs = _imp_at(results, rnd)
-        acc, std = mean_std([x["test_acc"] for x in recs])
-        imp_pts.append({"sparsity": statistics.mean(x["sparsity"] for x in recs), "test_acc": acc, "test_acc_std": std,
-                        "n_seeds": len(recs)})
-    series = {"imp": imp_pts}
     for m in methods:
-        if m != "imp":
-            series[m] = [{"sparsity": r["sparsity"], "test_acc": r["test_acc"], "test_acc_std": r["test_acc_std"],
-                          "n_seeds": r["n_seeds"]} for r in rows if r["method"] == m]
-    for m, pts in series.items():
+        pts = [r for r in rows if r["method"] == m]
         if not pts:
             continue
-        wins = [p for p in pts if p["test_acc"] >= dense_acc]
-        out[m] = {"sparsest_winning_ticket": max((p["sparsity"] for p in wins), default=None),
-                  "evaluated": pts}
+        ev = [{"target_sparsity": r["target_sparsity"], "sparsity": r["sparsity"], "test_acc": r["test_acc"],
+               "test_acc_std": r["test_acc_std"], "n_seeds": r["n_seeds"], "paired_vs_dense": r.get("paired_vs_dense")}
+              for r in pts]
+        wins = [p["target_sparsity"] for p in ev
+                if (p["paired_vs_dense"] or {}).get("verdict") in ("better", "non-inferior")]
+        out[m] = {"sparsest_winning_ticket": max(wins, default=None), "evaluated": ev,
+                  "rule": f"highest target whose paired 95% interval vs dense is above -{NONINFERIORITY_MARGIN:g} point"}
+    rounds = sorted({rec["round"] for res in results.get("imp", []) for rec in res["records"]})
+    if "imp" in out:
+        series = []
+        for rnd in rounds:
+            recs = _imp_at(results, rnd)
+            acc, std = mean_std([x["test_acc"] for x in recs])
+            series.append({"round": rnd, "sparsity": statistics.mean(x["sparsity"] for x in recs), "test_acc": acc,
+                           "test_acc_std": std, "n_seeds": len(recs)})
+        out["imp"]["imp_every_round"] = series
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# tables
-# --------------------------------------------------------------------------------------------
-def _pct(x: Optional[float], std: Optional[float] = None) -> str:
-    if x is None:
-        return "n/a"
-    return f"{100 * x:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
-
-
-def table(rows: List[Dict[str, Any]], dense: Dict[str, Any]) -> str:
-    """Markdown table: accuracy (validation, test), cost (calibrated s, wall s), the fixed-budget
-    cost ratio against IMP and the cost to reach IMP's accuracy (with the test accuracy there)."""
-    head = ["target sparsity", "method", "schedule", "sparsity", "seeds", "val acc %", "test acc % (mean ± std)",
-            "cost s", "wall s", "IMP cost / cost (fixed budget)", "cost s to IMP val acc (test acc % there)",
-            "speedup at IMP acc"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines.append(f"| 0% | dense (start of all) | {dense['epochs']} epochs | 0.0000 | {len(dense.get('acc_per_seed', []))} | "
-                 f"{_pct(dense.get('val_acc'), dense.get('val_acc_std'))} | {_pct(dense['acc'], dense.get('acc_std'))} | "
-                 f"| {dense['seconds']:.1f} (not counted) | | | |")
-
-    def sec(x):
-        return "n/a" if x is None else f"{x:.1f}"
-
-    for r in rows:
-        fixed = r.get("imp_cost_ratio") if r.get("imp_cost_ratio") is not None else r["imp_time_ratio"]
-        ratio = "" if fixed is None or r["method"] == "imp" else f"{fixed:.2f}x"
-        if r["method"] == "imp" or "steps_to_imp_accuracy" not in r:
-            tta = eq = ""
-        elif r["steps_to_imp_accuracy"] is None:
-            tta, eq = f"never ({100 * r['gap_to_imp_accuracy']:.2f} short)", "-"
-        else:
-            t = r["cost_seconds_to_imp_accuracy"]
-            t = r["wall_seconds_to_imp_accuracy"] if t is None else t
-            tta = f"{t:.1f} ({100 * r['test_acc_at_imp_accuracy']:.2f})"
-            eq = "n/a" if r["speedup_at_imp_accuracy"] is None else f"{r['speedup_at_imp_accuracy']:.2f}x"
-        lines.append(f"| {100 * r['target_sparsity']:.1f}% | {label(r['method'])} | {r['schedule']} | "
-                     f"{r['sparsity']:.4f} | {r['n_seeds']} | {_pct(r.get('val_acc'), r.get('val_acc_std'))} | "
-                     f"{_pct(r['test_acc'], r['test_acc_std'])} | {sec(r.get('cost_seconds'))} | "
-                     f"{r['train_seconds']:.1f} | {ratio} | {tta} | {eq} |")
-    return "\n".join(lines)
-
-
-def headline_table(rows: List[Dict[str, Any]], methods: Sequence[str]) -> str:
-    """Compact markdown table of ``methods`` (IMP first): validation and test accuracy, calibrated
-    cost, the fixed-budget cost ratio and the speedup at IMP's validation accuracy."""
-    head = ["sparsity", "method", "val acc %", "test acc %", "cost s", "IMP cost / cost", "speedup at IMP val acc"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
-        if r["method"] not in methods:
-            continue
-        cost = r.get("cost_seconds")
-        fixed = "" if r["method"] == "imp" or r.get("imp_cost_ratio") is None else f"{r['imp_cost_ratio']:.2f}x"
-        eq = "" if r["method"] == "imp" else ("never" if r.get("speedup_at_imp_accuracy") is None
-                                              else f"{r['speedup_at_imp_accuracy']:.2f}x")
-        lines.append(f"| {100 * r['target_sparsity']:.1f}% | {label(r['method'])} | "
-                     f"{_pct(r.get('val_acc'), r.get('val_acc_std'))} | {_pct(r['test_acc'], r['test_acc_std'])} | "
-                     f"{'n/a' if cost is None else f'{cost:.1f}'} | {fixed} | {eq} |")
-    return "\n".join(lines)
-
-
-def tuning_table(tuning: Dict[str, Any]) -> str:
-    """Markdown table of the tuning grid: every configuration tried, its validation accuracy, the choice."""
-    lines = ["| method | configuration | val acc % | test acc % | chosen |", "|---|---|---|---|---|"]
-    for m, t in tuning.items():
-        if t.get("shares"):
-            lines.append(f"| {label(m)} | {_cfg(t['chosen'])} (the choice of {label(t['shares'])}) | | | yes |")
-            continue
-        if not t.get("configs"):
-            lines.append(f"| {label(m)} | {_cfg(t['chosen'])} (not tuned) | | | yes |")
-            continue
-        for c in t["configs"]:
-            lines.append(f"| {label(m)} | {_cfg(c['config'])} | {_pct(c['val_acc'])} | {_pct(c['test_acc'])} | "
-                         f"{'yes' if c['config'] == t['chosen'] else ''} |")
-    return "\n".join(lines)
-
-
-def _cfg(c: Dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items())
-
-
-def tickets_table(tickets: Dict[str, Any], dense_acc: float) -> str:
-    lines = [f"Sparsest winning ticket (mean accuracy >= dense mean {100 * dense_acc:.2f}%):", "",
-             "| method | sparsest winning ticket | sparsities evaluated |", "|---|---|---|"]
-    for m, t in tickets.items():
-        s = t["sparsest_winning_ticket"]
-        pts = ", ".join(f"{100 * p['sparsity']:.1f}% ({100 * p['test_acc']:.2f})" for p in t["evaluated"])
-        lines.append(f"| {label(m)} | {'none' if s is None else f'{100 * s:.1f}%'} | {pts} |")
-    return "\n".join(lines)

@@ -83,10 +83,20 @@ def pretrain(ctx: Ctx, seed: int, factor: float = 1.0) -> Dict[str, Any]:
            "final": _plain_state(alg.model),
            "rewind": state["extra"]["rewind"], "test_acc": state["curve"][-1]["test_acc"],
            "val_acc": state["curve"][-1].get("val_acc"), "curve": state["curve"],
-           "train_seconds": state["train_seconds"], "code": ctx.code}
+           "train_seconds": state["train_seconds"], "code": ctx.code, "final_sha256": state_digest(alg.model)}
     C.log(f"[speedup] {what} seed {seed}: acc {obj['test_acc']:.4f} {obj['train_seconds']:.1f}s")
     ckpt.save_atomic(obj, path)
     return obj
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """sha256 of the model's plain state (names and bytes, in order): a dense model retrained from
+    scratch (a cache lost between sessions) can be checked against the one earlier runs started from."""
+    h = hashlib.sha256()
+    for k, v in _plain_state(model).items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def dense_algorithm(ctx: Ctx, model: torch.nn.Module, steps: int):
@@ -148,7 +158,7 @@ def run_imp(ctx: Ctx, seed: int, pre: Dict[str, Any], hp: Optional[Dict[str, Any
     done = _load_result(ctx, run_id)
     if done is not None:
         return done
-    rounds = max(TARGET_ROUNDS)
+    rounds = max(target_rounds(ctx))
     D = ctx.steps["imp_round"]
 
     def make():
@@ -179,10 +189,15 @@ def run_imp(ctx: Ctx, seed: int, pre: Dict[str, Any], hp: Optional[Dict[str, Any
     segs = [Segment(f"round{r}", D, enter=enter, end=end) for r in range(1, rounds + 1)]
     state = execute(ctx, run_id, alg, segs, seed, False, until=until_round)
     result = {"method": "imp", "seed": seed, "records": state["records"], "train_seconds": state["train_seconds"],
-              "hparams": hp, "steps_per_round": D, "code": ctx.code}
+              "hparams": hp, "steps_per_round": D, "code": ctx.code, "dense_sha256": pre.get("final_sha256")}
     if len(state["records"]) == rounds:
         _save_result(ctx, run_id, result)
     return result
+
+
+def target_rounds(ctx: Ctx) -> List[int]:
+    """The IMP rounds whose sparsities are this preset's targets (default TARGET_ROUNDS)."""
+    return list(ctx.cfg.get("target_rounds", TARGET_ROUNDS))
 
 
 def make_algorithm(ctx: Ctx, method: str, model: torch.nn.Module, sparsity: float,
@@ -279,7 +294,8 @@ def run_one_shot(ctx: Ctx, method: str, target_round: int, seed: int, pre: Dict[
     last = state["curve"][-1]
     result = {"method": method, "seed": seed, "target_round": target_round, "target_sparsity": sparsity,
               "sparsity": alg.sparsity(), "test_acc": last["test_acc"], "val_acc": last.get("val_acc"),
-              "train_seconds": state["train_seconds"], "steps": total, "curve": state["curve"], "hparams": hp}
+              "train_seconds": state["train_seconds"], "steps": total, "curve": state["curve"], "hparams": hp,
+              "dense_sha256": pre.get("final_sha256")}
     if "initial_masks" in state["extra"]:
         result["mask_change"] = mask_change(state["extra"]["initial_masks"], alg.masks())
     C.log(f"[speedup] {run_id}: sparsity {result['sparsity']:.4f} "

@@ -28,6 +28,7 @@ try:
     from . import _speedup_loop as L
     from . import _speedup_presets as P
     from . import _speedup_report as R
+    from . import _speedup_tables as T
     from . import _speedup_runs as S
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +36,7 @@ except ImportError:
     import _speedup_loop as L  # type: ignore[no-redef]
     import _speedup_presets as P  # type: ignore[no-redef]
     import _speedup_report as R  # type: ignore[no-redef]
+    import _speedup_tables as T  # type: ignore[no-redef]
     import _speedup_runs as S  # type: ignore[no-redef]
 
 PAPER = P.PAPER_HPARAMS
@@ -134,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary.append({"config": name, "method": got[0]["method"], "overrides": got[0]["overrides"],
                         "n_seeds": len(got), "val_acc": val, "val_acc_std": vstd, "test_acc": acc, "test_acc_std": std, "dense_acc": dense,
                         "mask_change": ch, "train_seconds": sec, "curves": [r["curve"] for r in got]})
-        table.append(f"| {name} | {len(got)} | {R._pct(val, vstd)} | {R._pct(acc, std)} | {100 * dense:.2f} | {100 * ch:.1f}% | {sec:.0f} |")
+        table.append(f"| {name} | {len(got)} | {T.pct(val, vstd)} | {T.pct(acc, std)} | {100 * dense:.2f} | {100 * ch:.1f}% | {sec:.0f} |")
     print("\n".join(table))
     if stopped:
         print(f"\nstopped (--max-minutes) in {stopped}; rerun with --resume to continue")

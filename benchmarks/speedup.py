@@ -3,7 +3,9 @@
 All methods run on the same engine (bip_fast.pruning algorithms, the same kernels, the same
 device-resident CIFAR-10 loaders, the same device) and start from the same dense pretrained model
 (cached between runs in the cache dir, keyed by a hash of its config). Targets are points of the
-paper's IMP sparsity series (SPEC §5): 48.8% (0.8^3), 73.8% (0.8^6) and 86.6% (0.8^9).
+paper's IMP sparsity series (SPEC §5): by default 48.8% (0.8^3), 73.8% (0.8^6) and 86.6% (0.8^9);
+the cpu preset runs IMP rounds 3, 6, 9, 12, 15 and 18 (48.8% to 98.2%). Every method is global
+(one ranking over all layers; Hydra too, whose own default is layer-wise).
 
 Epoch budgets keep the paper's proportions, all scaled by one common factor (= dense epochs / 160):
 
@@ -24,6 +26,13 @@ and Hydra the same tuning budget (4 configurations each, one rule); every method
 costed by per-step seconds measured interleaved in one process (the calibrated cost), with a
 control row: dense, IMP-round and OMP steps are the same work and must cost the same. Every run
 record names the code commit that made it, and --resume refuses runs of another commit.
+
+Statistics (``_speedup_report.py``): every method's seed s starts from the dense model of seed s,
+as IMP's does, so each row carries paired per-seed differences of test accuracy to IMP and to the
+dense model (mean, 95% t-interval, seeds positive): non-inferior when the interval's lower end is
+above -1 point, better when above 0. The sparsest winning ticket of a method is its highest target
+non-inferior to dense. The crossing of IMP's validation accuracy is interpolated between
+evaluation points, and the speedup there has a 90% bootstrap interval over seeds.
 
 Timing counts training steps only (batch preparation on the device included, since every method
 needs it), with the device synchronised before and after each timed chunk (CUDA events order the
@@ -56,23 +65,26 @@ try:  # imported as part of a package (python -m benchmarks.speedup)
     from . import _common as C
     from . import _speedup_fair as F
     from . import _speedup_report as R
+    from . import _speedup_tables as T
     from ._speedup_loop import MixedCode, Stop
     from ._speedup_plots import plots
     from ._speedup_presets import (
-        CONVERGENCE_FACTOR, GRIDS, IMP_RATE, METHODS, PAPER_DENSE_EPOCHS, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS,
+        CONVERGENCE_FACTOR, GRIDS, IMP_RATE, METHODS, PAPER_DENSE_EPOCHS, PRESETS, SCORE_SAMPLES,
         TUNE_SEED, TUNE_SHARES)
-    from ._speedup_runs import _device, hparams, pretrain, run_imp, run_one_shot, setup
+    from ._speedup_runs import _device, hparams, pretrain, run_imp, run_one_shot, setup, target_rounds
 except ImportError:  # run as a script, or loaded from its file path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common as C  # type: ignore[no-redef]
     import _speedup_report as R  # type: ignore[no-redef]
+    import _speedup_tables as T  # type: ignore[no-redef]
     from _speedup_loop import MixedCode, Stop  # type: ignore[no-redef]
     from _speedup_presets import (  # type: ignore[no-redef]
-        CONVERGENCE_FACTOR, GRIDS, IMP_RATE, METHODS, PAPER_DENSE_EPOCHS, PRESETS, SCORE_SAMPLES, TARGET_ROUNDS,
+        CONVERGENCE_FACTOR, GRIDS, IMP_RATE, METHODS, PAPER_DENSE_EPOCHS, PRESETS, SCORE_SAMPLES,
         TUNE_SEED, TUNE_SHARES)
     import _speedup_fair as F  # type: ignore[no-redef]
     from _speedup_plots import plots  # type: ignore[no-redef]
-    from _speedup_runs import _device, hparams, pretrain, run_imp, run_one_shot, setup  # type: ignore[no-redef]
+    from _speedup_runs import (  # type: ignore[no-redef]
+        _device, hparams, pretrain, run_imp, run_one_shot, setup, target_rounds)
 
 
 def validation_split(ctx) -> Dict[str, Any]:
@@ -99,12 +111,15 @@ def report_only(args) -> int:
     prov = doc.get("provenance") or {}
     print(f"{path}: commit {prov.get('commit', doc.get('commit'))}, complete {doc.get('complete')}")
     if doc.get("tuning"):
-        print(R.tuning_table(doc["tuning"]))
+        print(T.tuning_table(doc["tuning"]))
         print()
-    print(R.table(doc["rows"], doc["dense"]))
+    print(T.table(doc["rows"], doc["dense"]))
     print()
     core = [m for m in doc["config"]["methods"] if m in GRIDS or m in TUNE_SHARES]
-    print(R.headline_table(doc["rows"], core))
+    print(T.headline_table(doc["rows"], core))
+    if doc.get("winning_tickets"):
+        print()
+        print(T.tickets_table(doc["winning_tickets"], doc["dense"]["acc"]))
     return 0
 
 
@@ -120,7 +135,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep finished runs and continue unfinished ones")
     p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly at the next epoch boundary "
                                                                     "after this budget (rerun with --resume)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS)
+                   + " (default: the preset's methods, else all)")
     p.add_argument("--allow-mixed-commits", action="store_true",
                    help="with --resume: reuse runs, checkpoints and cached dense models made by another commit "
                         "(the results then name every commit involved)")
@@ -130,6 +146,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--dense-epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--val", type=int, default=None, help="validation images held out of training (0: none)")
+    p.add_argument("--target-rounds", default=None,
+                   help="comma-separated IMP rounds whose sparsities are the targets (cpu preset: 3,6,9,12,15,18)")
     p.add_argument("--json", default=None, help="result JSON (default <out>/speedup.json)")
     p.add_argument("--report-only", action="store_true",
                    help="print the tables of an existing speedup.json (default: the preset's) without training")
@@ -140,11 +159,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_start = time.monotonic()
     device = _device(args.device)
     cfg = dict(PRESETS[args.preset])
-    for k in ("arch", "train_subset", "test_subset", "dense_epochs", "batch_size", "seeds"):
+    for k in ("arch", "train_subset", "test_subset", "dense_epochs", "batch_size", "seeds", "val"):
         v = getattr(args, k)
         if v is not None:
             cfg[k] = v
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.target_rounds:
+        try:
+            cfg["target_rounds"] = tuple(sorted({int(r) for r in args.target_rounds.split(",") if r.strip()}))
+        except ValueError:
+            p.error(f"--target-rounds: expected comma-separated integers, got {args.target_rounds!r}")
+        if not cfg["target_rounds"] or min(cfg["target_rounds"]) < 1:
+            p.error(f"--target-rounds: expected rounds >= 1, got {args.target_rounds!r}")
+    methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
+               else list(cfg.get("methods", METHODS)))
     for m in methods:
         if m not in METHODS:
             p.error(f"--methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
@@ -155,6 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if ctx is None:
         return 2
     seeds = list(range(cfg["seeds"]))
+    rounds = target_rounds(ctx)
     factor = cfg["dense_epochs"] / PAPER_DENSE_EPOCHS
     st = ctx.steps
     env = C.environment(device)
@@ -185,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if m == "imp":
                     results.setdefault("imp", []).append(run_imp(ctx, seed, pres[seed]))
                 else:
-                    for r in TARGET_ROUNDS:
+                    for r in rounds:
                         results.setdefault(m, []).append(run_one_shot(ctx, m, r, seed, pres[seed]))
 
     try:
@@ -194,7 +222,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             pres[seed] = pre = pretrain(ctx, seed)
             dense_runs.append({"seed": seed, "test_acc": pre["test_acc"], "val_acc": pre.get("val_acc"),
                                "train_seconds": pre["train_seconds"], "steps": pre.get("steps"),
-                               "curve": pre.get("curve"), "code": pre.get("code")})
+                               "curve": pre.get("curve"), "code": pre.get("code"),
+                               "final_sha256": pre.get("final_sha256")})
         tuning = F.tune(ctx, methods, pres[TUNE_SEED], grids=bool(cfg.get("tune")))
         run_methods(core)
         calib = F.calibrate(ctx, methods, pres[seeds[0]])
@@ -220,20 +249,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg.get("check_convergence"):
         conv = R.convergence(dense_runs, long_runs)
         dense.update(converged=conv["converged"], convergence=conv)
-    rows = R.aggregate(results, methods, calib)
-    checks = R.verdicts(rows, methods)
+    rows = R.aggregate(results, methods, calib, rounds, dense_runs)
+    checks = R.verdicts(rows, methods, rounds)
     tickets = R.winning_tickets(rows, results, dense["acc"], methods) if dense_runs else {}
     ctrl = R.control(calib, F.wall_per_step(dense_runs, results))
+    dense_sha = {d["seed"]: d.get("final_sha256") for d in dense_runs}
     codes = [x.get("code") for x in dense_runs + long_runs] + [r.get("code") for rs in results.values() for r in rs]
     codes += [calib.get("code")] if calib else []
     provenance = {"commit": ctx.code["commit"], "dirty": ctx.code["dirty"],
                   "run_commits": sorted({(c or {}).get("commit", "unknown") for c in codes}),
                   "runs_dirty": any((c or {}).get("dirty") is not False for c in codes),
-                  "note": "a tree dirty only under benchmarks/results/ counts as clean"}
+                  "note": "a tree dirty only under benchmarks/results/ counts as clean",
+                  # every run started from the dense model its seed's row names (a cache retrained in
+                  # a later session must reproduce it bit for bit)
+                  "dense_mismatch": sorted(f"{r['method']} seed {r['seed']}" + (f" round {r['target_round']}"
+                                                                                if "target_round" in r else "")
+                                           for rs in results.values() for r in rs
+                                           if r.get("dense_sha256") and r["dense_sha256"] != dense_sha.get(r["seed"]))}
     validation = {"images": cfg["val_samples"], **validation_split(ctx)} if cfg["val_samples"] else None
-    print(R.tuning_table(tuning))
+    print(T.tuning_table(tuning))
     print()
-    print(R.table(rows, dense))
+    print(T.table(rows, dense))
     print()
     if "converged" in dense:
         c = dense["convergence"]
@@ -242,12 +278,16 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"x{CONVERGENCE_FACTOR:g} steps {fmt(c['longer_training_gain_points'])} points; {c['criterion']})")
     for v in checks:
         sp = "" if v["speedup_target"] is None else (
-            f" (target >= {v['speedup_target']:g}x: {'pass' if v['speedup_passed'] else 'FAIL'})")
+            f" (target >= {v['speedup_target']:g}x at the interval's lower end: "
+            f"{'pass' if v['speedup_passed'] else 'FAIL'})")
         eq = "never reached" if v["speedup_at_imp_accuracy"] is None else f"{v['speedup_at_imp_accuracy']:.2f}x"
-        std = "n/a" if v["imp_acc_std"] is None else f"{100 * v['imp_acc_std']:.2f}"
+        ci = v.get("speedup_at_imp_accuracy_ci90")
+        if ci:
+            eq += " [90% CI " + ", ".join("never" if x is None else f"{x:.2f}x" for x in ci) + "]"
+        pv = T.paired_str(v.get("paired_vs_imp")) or "n/a"
         print(f"- {100 * v['target_sparsity']:.1f}%: {R.label(v['method'])}: speedup at IMP's accuracy {eq}{sp}, "
-              f"fixed budget {v['fixed_budget_speedup']:.2f}x; accuracy {100 * v['acc_delta']:+.2f} points vs IMP "
-              f"(IMP std {std}): {v['accuracy_verdict']}")
+              f"fixed budget {v['fixed_budget_speedup']:.2f}x; test accuracy vs IMP, paired per seed: {pv} "
+              f"points: {v['accuracy_verdict']}")
     if ctrl["max_rel_diff"] is not None or ctrl["wall_max_rel_diff"] is not None:
         fmt = (lambda d: "n/a" if d is None else f"{100 * d:.1f}%")
         cal = ", ".join(f"{k} {1000 * v:.1f}" for k, v in ctrl["s_per_step"].items())
@@ -259,15 +299,15 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{', '.join(provenance['run_commits'])}")
     if tickets:
         print()
-        print(R.tickets_table(tickets, dense["acc"]))
+        print(T.tickets_table(tickets, dense["acc"]))
     if stopped:
         print(f"\nstopped after --max-minutes {args.max_minutes} during run {stopped}; partial results above. "
               f"Rerun with --resume to continue.")
     title = f"{cfg['arch']}, CIFAR-10 {cfg['train_samples']} imgs, {args.preset}, {C.device_name(device)}"
-    pngs = plots(ctx.out, rows, results, dense, title, methods) if rows else []
+    pngs = plots(ctx.out, rows, results, dense, title, methods, rounds) if rows else []
     path = args.json or os.path.join(args.out, "speedup.json")
     config = dict(cfg, preset=args.preset, device=str(device), methods=methods, steps=st, schedule_factor=factor,
-                  targets=[R.target_sparsity(r) for r in TARGET_ROUNDS], data_dir=str(data_dir),
+                  targets=[R.target_sparsity(r) for r in rounds], target_rounds=rounds, data_dir=str(data_dir),
                   cache_dir=args.cache_dir, hparams={
                       "dense": {"lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9, "schedule": "cosine"},
                       **{m: dict(hparams(ctx, m), momentum=0.9, schedule="cosine") for m in methods},
@@ -279,13 +319,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "headline); wall clock: training steps only, device synchronised; evaluation excluded; "
                          "dense pretraining not counted for any method")
     C.write_json(path, benchmark="speedup", env=env, config=config, rows=[], extra={
-        "rows": rows, "verdicts": checks, "dense": dense, "winning_tickets": tickets, "validation": validation,
+        "rows": rows, "verdicts": checks, "dense": dense, "winning_tickets": tickets,
+        "winning_ticket": {m: t["sparsest_winning_ticket"] for m, t in tickets.items()}, "validation": validation,
         "tuning": tuning, "calibration": calib, "control": ctrl, "provenance": provenance,
         "complete": stopped is None, "stopped_in": stopped,
         "imp_rounds": [dict(rec, seed=res["seed"]) for res in results.get("imp", []) for rec in res["records"]],
         "plots": pngs, "wall_seconds": time.monotonic() - t_start,
         "continue_command": f"python benchmarks/speedup.py --preset {args.preset} --resume"
-                            + ("" if args.max_minutes is None else f" --max-minutes {args.max_minutes:g}"),
+                            + ("" if args.max_minutes is None else f" --max-minutes {args.max_minutes:g}")
+                            + ("" if not args.methods else f" --methods {args.methods}")
+                            + ("" if args.out == os.path.join(C.RESULTS_DIR, f"speedup-{C.device_slug(device)}-"
+                                                              f"{args.preset}") else f" --out {args.out}"),
         "summary": {"rows": len(rows), "complete": stopped is None}})
     print(f"\nwrote {path}" + "".join(f"\nwrote {q}" for q in pngs))
     print(f"wall-clock {time.monotonic() - t_start:.0f} s")

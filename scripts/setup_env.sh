@@ -14,8 +14,8 @@ PIP=("$VENV/bin/python" -m pip --isolated --disable-pip-version-check)
 if ! "$VENV/bin/python" -c "import torch, torchvision, triton, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
   "${PIP[@]}" install -q "torch==2.13.0" torchvision triton
 fi
-if ! "$VENV/bin/python" -c "import numpy, tqdm, yaml, matplotlib, pytest, xdist, hypothesis, ninja, setuptools, wheel, cmake, torch_pruning" 2>/dev/null; then
-  "${PIP[@]}" install -q numpy tqdm pyyaml matplotlib pytest pytest-xdist hypothesis ninja setuptools wheel cmake
+if ! "$VENV/bin/python" -c "import numpy, tqdm, yaml, matplotlib, scipy, pytest, xdist, hypothesis, ninja, setuptools, wheel, cmake, torch_pruning" 2>/dev/null; then
+  "${PIP[@]}" install -q numpy tqdm pyyaml matplotlib scipy pytest pytest-xdist hypothesis ninja setuptools wheel cmake
   "${PIP[@]}" install -q --no-deps "torch-pruning>=1.5"  # no deps: it must not replace the torch above
 fi
 # Build the extension (CPU kernels always; CUDA kernels where nvcc and a CUDA torch exist), only

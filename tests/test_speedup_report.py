@@ -11,16 +11,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load():
-    path = os.path.join(ROOT, "benchmarks", "_speedup_report.py")
-    spec = importlib.util.spec_from_file_location("_bip_fast_speedup_report", path)
+def _load(name):
+    path = os.path.join(ROOT, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_bip_fast{name}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
-R = _load()
+R = _load("_speedup_report")
+S = _load("_speedup_stats")
+T = _load("_speedup_tables")
 
 
 def _imp(seed, accs, secs=100.0, vals=None, steps=10):
@@ -41,11 +43,12 @@ def _one_shot(method, seed, rnd, curve):
             "steps": pts[-1]["step"], "curve": pts}
 
 
-def test_time_to_accuracy_first_point_reaching_threshold():
+def test_crossing_first_point_reaching_threshold():
     curve = [{"step": 10, "train_seconds": 5.0, "test_acc": 0.50}, {"step": 20, "train_seconds": 10.0, "test_acc": 0.61},
              {"step": 30, "train_seconds": 15.0, "test_acc": 0.60}]
-    assert R.time_to_accuracy(curve, 0.60)["step"] == 20
-    assert R.time_to_accuracy(curve, 0.62) is None
+    assert R.crossing(curve, 0.61)["step"] == 20  # reached exactly at the second point
+    assert R.crossing(curve, 0.60)["step"] == pytest.approx(10 + 10 * 10 / 11)
+    assert R.crossing(curve, 0.62) is None
 
 
 def test_aggregate_speedup_at_imp_accuracy_by_hand():
@@ -81,8 +84,15 @@ def test_aggregate_speedup_at_imp_accuracy_by_hand():
     assert omp["gap_to_imp_accuracy"] == pytest.approx(0.61 - 0.50)
     v = R.verdicts(rows, ["imp", "bip_fused", "omp"])
     assert len(v) == 1 and v[0]["method"] == "bip_fused"
-    # test accuracy 0.58 against IMP's 0.59 - 0.0141: within one std
-    assert v[0]["accuracy_verdict"] == "within one std" and v[0]["accuracy_passed"]
+    # paired per seed: 0.57 - 0.58 and 0.59 - 0.60, -1 point on both seeds: the interval is [-1, -1],
+    # below 0 and not above -1: worse (the old unpaired rule called this "within one std")
+    pv = v[0]["paired_vs_imp"]
+    assert pv["mean"] == pytest.approx(-1.0) and pv["ci95"] == pytest.approx([-1.0, -1.0])
+    assert pv["positive"] == 0 and pv["n"] == 2
+    assert v[0]["accuracy_verdict"] == "worse" and not v[0]["accuracy_passed"]
+    # every bootstrap resample crosses at step 2 exactly (seed 0: 0.58 -> 0.60 against 0.60; seed 1:
+    # 0.57 -> 0.62 against 0.62; mixed: 0.575 -> 0.61 against 0.61): the interval is the point
+    assert bip["speedup_at_imp_accuracy_ci90"]["ci90"] == pytest.approx([30.0, 30.0])
     assert v[0]["speedup_target"] == 3.0 and v[0]["speedup_passed"] is True
     assert v[0]["fixed_budget_speedup"] == pytest.approx(20.0)
     # without a calibration the wall clock decides
@@ -119,11 +129,61 @@ def test_convergence_criterion():
     assert R.convergence(dense, [])["converged"] is False  # no evidence, no claim
 
 
-def test_winning_tickets_sparsest_at_or_above_dense():
-    results = {"imp": [_imp(0, [0.59, 0.60, 0.585, 0.57])],
-               "omp": [_one_shot("omp", 0, 3, [(1, 1.0, 0.60)])]}
-    rows = R.aggregate(results, ["imp", "omp"])
-    t = R.winning_tickets(rows, results, 0.585, ["imp", "omp"])
+def test_paired_interval_by_hand():
+    # differences 1, 2, 3 points: mean 2, sd 1, t(0.975, 2) = 4.302653 -> half-width 4.302653 / sqrt(3)
+    p = S.paired({0: 1.0, 1: 2.0, 2: 3.0})
+    half = 4.302653 / math.sqrt(3)
+    assert p["mean"] == pytest.approx(2.0) and p["ci95"] == pytest.approx([2 - half, 2 + half], abs=1e-5)
+    assert p["positive"] == 3 and p["n"] == 3 and p["verdict"] == "non-inferior"  # lower end -0.48 > -1
+    assert S.paired({0: 1.0, 1: 1.2, 2: 1.1})["verdict"] == "better"
+    assert S.paired({0: -3.0, 1: -3.2, 2: -2.9})["verdict"] == "worse"
+    assert S.paired({0: -3.0, 1: 2.0, 2: 0.0})["verdict"] == "inconclusive"
+    assert S.paired({0: 1.0})["ci95"] is None and S.paired({}) is None
+    assert S.paired_diff({0: 0.61, 1: 0.60, 2: 0.5}, {0: 0.60, 1: 0.62}) == pytest.approx({0: 1.0, 1: -2.0})
+
+
+def test_crossing_interpolated_between_points():
+    curve = [{"step": 10, "train_seconds": 5.0, "cost_seconds": 10.0, "test_acc": 0.40, "val_acc": 0.50},
+             {"step": 20, "train_seconds": 10.0, "cost_seconds": 20.0, "test_acc": 0.60, "val_acc": 0.70}]
+    hit = R.crossing(curve, 0.65, "val_acc")  # 3/4 of the way from 0.50 to 0.70
+    assert hit["interpolated"] and hit["step"] == pytest.approx(17.5) and hit["cost_seconds"] == pytest.approx(17.5)
+    assert hit["train_seconds"] == pytest.approx(8.75) and hit["test_acc"] == pytest.approx(0.55)
+    first = R.crossing(curve, 0.45, "val_acc")
+    assert first["interpolated"] is False and first["step"] == 10
+    assert R.crossing(curve, 0.71, "val_acc") is None
+
+
+def test_speedup_bootstrap_interval_spans_the_seeds():
+    # IMP: 3 rounds of 10 steps at 1 s/step on both seeds (cost 30 s); threshold = mean validation.
+    # Seed 0 crosses 0.60 at step 5 (0.50 at 2 -> 0.60 at 5); seed 1 never reaches 0.62.
+    imp = [dict(rec, seed=s) for s, v in ((0, 0.60), (1, 0.62))
+           for rec in _imp(s, [0.5, 0.5, 0.5], vals=[0.5, 0.5, v])["records"] if rec["round"] == 3]
+    runs = [_one_shot("omp", 0, 3, [(2, 2.0, 0.5, 0.50), (5, 5.0, 0.5, 0.60), (8, 8.0, 0.5, 0.65)]),
+            _one_shot("omp", 1, 3, [(2, 2.0, 0.5, 0.50), (5, 5.0, 0.5, 0.55), (8, 8.0, 0.5, 0.58)])]
+    calib = {"s_per_step": {"imp": 1.0, "omp": 1.0}, "cut_seconds": {}, "hydra_score_steps": 1}
+    b = R.speedup_bootstrap(imp, runs, "omp", calib, "val_acc", samples=400)
+    # draws {0,0}: 30 / 5 = 6x; {1,1}: never; {0,1}: threshold 0.61, mean curve 0.50, 0.575, 0.615
+    # -> crosses 7/8 of the way from step 5 to 8 (7.625): 30 / 7.625 = 3.93x
+    assert 0.6 < b["reached_fraction"] < 0.9
+    assert b["ci90"][0] is None and b["ci90"][1] == pytest.approx(6.0)
+    assert R.speedup_bootstrap(imp[:1], runs[:1], "omp", calib, "val_acc") is None  # one seed: no interval
+
+
+def test_winning_tickets_paired_against_dense():
+    # dense 0.60 / 0.61 / 0.62; IMP loses 0.2-0.4 points at round 3 (non-inferior), 3-5 at round 6 (worse)
+    dense = [{"seed": s, "test_acc": a} for s, a in enumerate((0.60, 0.61, 0.62))]
+    imp = [_imp(s, [0.6, 0.6, a3, 0.6, 0.6, a6]) for s, (a3, a6) in
+           enumerate(((0.598, 0.57), (0.607, 0.57), (0.616, 0.57)))]
+    omp = [_one_shot("omp", s, r, [(1, 1.0, a)]) for s, a in enumerate((0.61, 0.62, 0.63)) for r in (3,)]
+    omp += [_one_shot("omp", s, 6, [(1, 1.0, a)]) for s, a in enumerate((0.605, 0.612, 0.621))]
+    results = {"imp": imp, "omp": omp}
+    rows = R.aggregate(results, ["imp", "omp"], rounds=(3, 6), dense_runs=dense)
+    t = R.winning_tickets(rows, results, 0.61, ["imp", "omp"])
     assert t["imp"]["sparsest_winning_ticket"] == pytest.approx(R.target_sparsity(3))
-    assert t["omp"]["sparsest_winning_ticket"] == pytest.approx(R.target_sparsity(3))
-    assert R.winning_tickets(rows, results, 0.61, ["imp", "omp"])["imp"]["sparsest_winning_ticket"] is None
+    assert t["omp"]["sparsest_winning_ticket"] == pytest.approx(R.target_sparsity(6))
+    assert [p["round"] for p in t["imp"]["imp_every_round"]] == [1, 2, 3, 4, 5, 6]
+    omp3 = next(r for r in rows if r["method"] == "omp" and r["target_sparsity"] == pytest.approx(R.target_sparsity(3)))
+    assert omp3["paired_vs_dense"]["mean"] == pytest.approx(1.0) and omp3["paired_vs_dense"]["verdict"] == "better"
+    assert omp3["paired_vs_imp"]["positive"] == 3 and omp3["structure"] == "global"
+    # the tables print the intervals
+    assert "[" in T.headline_table(rows, ["imp", "omp"]) and "48.8%" in T.tickets_table(t, 0.61)
