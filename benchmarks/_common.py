@@ -19,11 +19,12 @@ import torch
 
 try:  # imported as part of a package (python -m benchmarks.<script>)
     from ._results import Row, _fmt_ms, markdown_table, write_json
-    from ._timing import Timing, bench, measure_bandwidth, synchronize
+    from ._timing import INTERLEAVED, Timing, bench, chunk_timer, interleaved, measure_bandwidth, synchronize
 except ImportError:  # run as a script, or loaded from its file path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _results import Row, _fmt_ms, markdown_table, write_json  # type: ignore[no-redef]
-    from _timing import Timing, bench, measure_bandwidth, synchronize  # type: ignore[no-redef]
+    from _timing import (  # type: ignore[no-redef]
+        INTERLEAVED, Timing, bench, chunk_timer, interleaved, measure_bandwidth, synchronize)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
@@ -40,6 +41,9 @@ __all__ = [
     "format_header",
     "synchronize",
     "bench",
+    "interleaved",
+    "chunk_timer",
+    "INTERLEAVED",
     "measure_bandwidth",
     "markdown_table",
     "write_json",

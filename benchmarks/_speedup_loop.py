@@ -160,14 +160,18 @@ def check_code(ctx: Ctx, code: Optional[Dict[str, Any]], what: str) -> None:
 
 def execute(ctx: Ctx, run_id: str, alg, segments: List[Segment], seed: int, bilevel: bool,
             extra: Optional[Dict[str, Any]] = None, eval_at: Sequence[int] = (),
-            until: Optional[int] = None) -> Dict[str, Any]:
+            until: Optional[int] = None, track_masks: int = 0) -> Dict[str, Any]:
     """Train ``alg`` through ``segments`` (resumable); returns {"train_seconds", "records", "curve", ...}.
 
     ``eval_at``: step counts (over all segments) after which the model is evaluated (validation
     and test splits); each evaluation appends {"step", "train_seconds", "test_acc", "val_acc"}
     to ``state["curve"]`` (evaluation time is not training time). ``until``: stop after that many
     segments, keeping the checkpoint, so that a later call with the same ``run_id`` continues
-    (IMP's tuning runs its first rounds; the chosen configuration goes on from there)."""
+    (IMP's tuning runs its first rounds; the chosen configuration goes on from there).
+    ``track_masks``: split the schedule into that many equal parts and record, at the end of each,
+    the fraction of output filters (and of mask entries) whose kept state differs from the end of
+    the part before (``state["mask_flips"]``; the first part against the mask the first step
+    starts from). Net changes: a filter that leaves and comes back within one part counts 0."""
     ck_path = os.path.join(ctx.ckpt_dir, f"{run_id}.pt")
     loader = _loader(ctx, seed, bilevel)
     state = {"seg": 0, "seg_step": 0, "step": 0, "train_seconds": 0.0, "records": [], "curve": [],
@@ -181,6 +185,10 @@ def execute(ctx: Ctx, run_id: str, alg, segments: List[Segment], seed: int, bile
         C.log(f"[speedup] {run_id}: resumed at segment {state['seg']} step {state['seg_step']}")
     batches = _batches(loader)
     pending = sorted(set(int(e) for e in eval_at))
+    total = sum(sg.steps for sg in segments)
+    marks = sorted({max(1, round(total * (i + 1) / track_masks)) for i in range(track_masks)}) if track_masks else []
+    if marks:
+        state.setdefault("mask_flips", {"steps": marks, "filters": [], "entries": [], "prev": None})
 
     def save():
         ckpt.save_atomic({"alg": alg.state_dict(), "loader": loader.state_dict(), "state": state}, ck_path)
@@ -192,12 +200,16 @@ def execute(ctx: Ctx, run_id: str, alg, segments: List[Segment], seed: int, bile
             seg.enter(alg, state)
         while state["seg_step"] < seg.steps:
             n = min(ctx.steps_per_epoch, seg.steps - state["seg_step"])
-            nxt = next((e for e in pending if e > state["step"]), None)
+            nxt = min((e for e in pending + marks if e > state["step"]), default=None)
             if nxt is not None:
                 n = min(n, nxt - state["step"])
+            if marks and state["mask_flips"]["prev"] is None:
+                state["mask_flips"]["prev"] = [m.detach().clone() for m in alg.masks()]
             state["train_seconds"] += _timed_steps(alg, batches, n, bilevel, ctx.device)
             state["seg_step"] += n
             state["step"] += n
+            if state["step"] in marks:
+                _record_flips(state["mask_flips"], alg.masks())
             if state["step"] in pending:
                 state["curve"].append({"step": state["step"], "train_seconds": state["train_seconds"],
                                        **evaluate(alg.model, ctx)})
@@ -216,6 +228,19 @@ def execute(ctx: Ctx, run_id: str, alg, segments: List[Segment], seed: int, bile
     if state["seg"] == len(segments) and os.path.exists(ck_path):
         os.remove(ck_path)
     return state
+
+
+def _record_flips(track: Dict[str, Any], masks: List[torch.Tensor]) -> None:
+    """Append the fraction of output filters and of mask entries whose kept state changed since
+    ``track["prev"]`` (a filter is kept while any of its entries is), then make ``masks`` the new
+    reference."""
+    prev = track["prev"]
+    rows = [(m.flatten(1) if m.dim() > 1 else m.view(-1, 1)).bool().any(1) for m in masks]
+    rows0 = [(m.flatten(1) if m.dim() > 1 else m.view(-1, 1)).bool().any(1) for m in prev]
+    track["filters"].append(sum(int((a != b).sum()) for a, b in zip(rows, rows0)) / max(1, sum(r.numel() for r in rows)))
+    track["entries"].append(sum(int((a.bool() != b.bool()).sum()) for a, b in zip(masks, prev))
+                            / max(1, sum(m.numel() for m in masks)))
+    track["prev"] = [m.detach().clone() for m in masks]
 
 
 def _warmup(ctx: Ctx, key: str, make: Callable[[], Any], bilevel: bool) -> None:

@@ -1,6 +1,7 @@
 """The runs of ``benchmarks/structured.py``: the methods of the structured comparison (an algorithm
 and a mask structure each), their tuning, their resumable runs on the loop of ``_speedup_loop``,
-and what each pruned model costs at inference on the CPU (latency, MACs, parameters)."""
+and what each pruned model costs at inference on the CPU: its compacted model (latency, MACs,
+parameters), timed interleaved with the dense and the masked model."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ try:  # imported as part of a package (python -m benchmarks.structured)
     from ._speedup_loop import Ctx, Segment, _build, _load_result, _save_result, _warmup, evaluate, execute
     from ._speedup_presets import GRIDS
     from ._speedup_runs import _load_plain, _model_from, config_tag, hparams
-    from .compact import _ms
+    from .compact import timed_session
 except ImportError:  # run as a script, or loaded from its file path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common as C  # type: ignore[no-redef]
@@ -26,7 +27,7 @@ except ImportError:  # run as a script, or loaded from its file path
         Ctx, Segment, _build, _load_result, _save_result, _warmup, evaluate, execute)
     from _speedup_presets import GRIDS  # type: ignore[no-redef]
     from _speedup_runs import _load_plain, _model_from, config_tag, hparams  # type: ignore[no-redef]
-    from compact import _ms  # type: ignore[no-redef]
+    from compact import timed_session  # type: ignore[no-redef]
 
 import bip_fast
 from bip_fast.compaction import count_macs
@@ -111,6 +112,7 @@ def make_algorithm(ctx: Ctx, method: str, model: torch.nn.Module, sparsity: floa
     algo, structure, _, extra = METHODS[method]
     st = ctx.steps
     kw: Dict[str, Any] = dict(extra, structure=structure, momentum=0.9)
+    hp = {k: v for k, v in hp.items() if k not in kw}  # the method's structure wins over a base setting's
     if structure == "group":
         bip_fast.attach_groups(model, example_input(ctx).to(ctx.device))
     else:
@@ -155,61 +157,88 @@ def filter_sparsity(model: torch.nn.Module) -> float:
 
 
 def _nonzero_params(model: torch.nn.Module) -> int:
-    """Parameters left by the masks: kept weights of the masked layers plus every other parameter
-    (biases, norm parameters), scores not counted."""
-    masked = dict(masked_modules(model))
-    skip = {id(m.weight) for m in masked.values()} | {id(m.scores) for m in masked.values()}
-    return sum(int(m.mask.sum()) for m in masked.values()) + sum(
-        p.numel() for p in model.parameters() if id(p) not in skip)
+    """Parameters left nonzero once every mask is baked in (:func:`bip_fast.finalize`: weight, bias
+    and BatchNorm channel masks), scores not counted: a removed channel's bias and BatchNorm entries
+    do not count, a zero filter's unmasked BatchNorm shift (it still flows) does."""
+    plain = bip_fast.finalize(copy.deepcopy(model))
+    return sum(int(torch.count_nonzero(p)) for p in plain.parameters())
 
 
-def latencies(model: torch.nn.Module, example: torch.Tensor, batches: Sequence[int], threads: int,
-              min_run_time: float) -> Dict[str, float]:
-    """{batch: median ms} of ``model`` on the CPU (torch.utils.benchmark, ``threads`` threads,
-    inference_mode, eval mode)."""
-    out = {}
-    for b in batches:
-        x = torch.randn(b, *example.shape[1:])
-        out[str(b)] = _ms(lambda: model(x), threads, min_run_time)
+# the parts of a run's schedule over which the mask's movement is recorded (tenths of training)
+FLIP_PARTS = 10
+
+
+def _flips(state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The run's mask movement per tenth of its training (``execute(track_masks=...)``)."""
+    t = state.get("mask_flips")
+    return None if t is None else {"steps": t["steps"][:len(t["filters"])], "filters": t["filters"],
+                                   "entries": t["entries"]}
+
+
+def _rounds(ctx: Ctx) -> int:
+    return ctx.latency.get("rounds") or (2 if ctx.latency["min_run_time"] < 0.1 else 10)
+
+
+def latencies(models: Dict[str, torch.nn.Module], example: torch.Tensor, ctx: Ctx) -> Dict[str, Dict[str, Any]]:
+    """{kind: {batch: median ms}} of ``models`` on the CPU, timed interleaved in one session per
+    batch (benchmarks/compact.py's protocol: ``C.interleaved``, rounds of one chunk per kind in a
+    shuffled order, the first round discarded, median over chunks; ``threads`` threads,
+    inference_mode, eval mode); the first model is the one a chunk's length is sized on (the dense
+    model gets about ``min_run_time`` seconds of timed calls per session). Also
+    ``{"control_rel_diff": {batch: ...}}`` when ``"dense"`` and ``"dense (copy)"`` are both timed."""
+    lt = ctx.latency
+    rounds = _rounds(ctx)
+    out: Dict[str, Dict[str, Any]] = {k: {} for k in models}
+    base = next(iter(models))
+    for b in lt["batches"]:
+        x = torch.randn(b, *example.shape[1:], generator=torch.Generator().manual_seed(b))
+        fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
+        tm, _ = timed_session(fns, base, rounds, lt["min_run_time"] / rounds, threads=lt["threads"])
+        for k in models:
+            out[k][str(b)] = tm[k].median_ms
+    if "dense" in models and "dense (copy)" in models:
+        out["control_rel_diff"] = {b: abs(v - out["dense (copy)"][b]) / min(v, out["dense (copy)"][b])
+                                   for b, v in out["dense"].items()}
     return out
 
 
 def dense_cost(ctx: Ctx) -> Dict[str, Any]:
-    """The plain dense architecture: MACs, parameters and CPU latency."""
+    """The plain dense architecture: MACs, parameters and CPU latency (timed with a copy of itself,
+    the control)."""
     dense = _build(ctx.cfg["arch"]).eval()
     ex = example_input(ctx)
-    lat = latencies(dense, ex, ctx.latency["batches"], ctx.latency["threads"], ctx.latency["min_run_time"])
+    lat = latencies({"dense": dense, "dense (copy)": copy.deepcopy(dense)}, ex, ctx)
     return {"macs": count_macs(dense, ex[:1]), "params": sum(p.numel() for p in dense.parameters()),
-            "latency_ms": lat}
+            "latency_ms": lat["dense"], "control_rel_diff": lat["control_rel_diff"]}
 
 
 def inference_cost(ctx: Ctx, model: torch.nn.Module, structure: str) -> Dict[str, Any]:
-    """What the pruned ``model`` costs at inference on the CPU, next to the dense architecture
-    timed at the same moment (so the ratios do not drift with the machine). Group masks: the
-    compacted model (:func:`bip_fast.compact`, which checks masked == compacted); per-layer filter
-    masks are not removable (a filter's BatchNorm shift still flows, coupled channels disagree):
-    their masked model is what runs."""
-    lt = ctx.latency
+    """What the pruned ``model`` costs at inference on the CPU as a user would ship it: compacted
+    (:func:`bip_fast.compact`, which checks masked == compacted). Group masks lose every zeroed
+    channel; per-layer filter masks lose the zero filters their coupled groups let go (the ReLU maps
+    the filter's BatchNorm constant to 0 and no other layer still produces the channel) and keep the
+    rest as zeros (``filters_cut`` / ``filters_left_zero``). The compacted, the masked and the
+    plain dense model (and a copy of it, the control) are timed interleaved right after the run, so
+    the ratios to dense do not drift with the machine."""
     ex = example_input(ctx)
     masked = copy.deepcopy(model).cpu().eval()
-    out: Dict[str, Any] = {"structure": structure, "removable": structure == "group",
-                           "filter_sparsity": filter_sparsity(masked), "nonzero_params": _nonzero_params(masked)}
-    if structure == "group":
-        run = bip_fast.compact(masked, ex).eval()
-        out["params"] = sum(p.numel() for p in run.parameters())
-    else:
-        run = masked
-        skip = {id(m.scores) for _, m in masked_modules(masked)}
-        out["params"] = sum(p.numel() for p in masked.parameters() if id(p) not in skip)
-    out["macs"] = count_macs(run, ex[:1])
-    dense = dense_cost(ctx)
-    out["dense_latency_ms"] = dense["latency_ms"]
-    out["masked_latency_ms"] = latencies(masked, ex, lt["batches"], lt["threads"], lt["min_run_time"])
-    out["latency_ms"] = (latencies(run, ex, lt["batches"], lt["threads"], lt["min_run_time"])
-                         if run is not masked else dict(out["masked_latency_ms"]))
-    out["latency_ratio"] = {b: out["latency_ms"][b] / dense["latency_ms"][b] for b in out["latency_ms"]}
-    out["macs_ratio"] = out["macs"] / dense["macs"]
-    out["params_ratio"] = out["params"] / dense["params"]
+    run, rep = bip_fast.compact(masked, ex, return_report=True)
+    run.eval()
+    dense = _build(ctx.cfg["arch"]).eval()
+    out: Dict[str, Any] = {"structure": structure, "compacted": True, "removable": rep.filters_zero == 0,
+                           "filter_sparsity": filter_sparsity(masked), "nonzero_params": _nonzero_params(masked),
+                           "params": sum(p.numel() for p in run.parameters()), "macs": count_macs(run, ex[:1]),
+                           "filters_cut": rep.filters_removed, "filters_left_zero": rep.filters_zero,
+                           "channels_cut": rep.channels_removed, "channels_left_zero": rep.channels_zero,
+                           "kept_because": rep.kept_because}
+    lat = latencies({"dense": dense, "dense (copy)": copy.deepcopy(dense), "masked": masked, "compacted": run}, ex, ctx)
+    out["dense_latency_ms"] = lat["dense"]
+    out["masked_latency_ms"] = lat["masked"]
+    out["latency_ms"] = lat["compacted"]
+    out["control_rel_diff"] = lat["control_rel_diff"]
+    out["latency_ratio"] = {b: out["latency_ms"][b] / lat["dense"][b] for b in out["latency_ms"]}
+    out["macs_ratio"] = out["macs"] / count_macs(dense, ex[:1])
+    out["params_ratio"] = out["params"] / sum(p.numel() for p in dense.parameters())
     return out
 
 
@@ -234,12 +263,13 @@ def run_one_shot(ctx: Ctx, method: str, sparsity: float, seed: int, pre: Dict[st
     segs = segments(ctx, method)
     total = sum(s.steps for s in segs)
     C.log(f"[structured] {run_id}: {total} steps")
-    state = execute(ctx, run_id, alg, segs, seed, bilevel, eval_at=[total])  # final evaluation only
+    state = execute(ctx, run_id, alg, segs, seed, bilevel, eval_at=[total], track_masks=FLIP_PARTS)
     last = state["curve"][-1]
     result = {"method": method, "seed": seed, "target_sparsity": sparsity, "weight_sparsity": alg.sparsity(),
               "test_acc": last["test_acc"], "val_acc": last.get("val_acc"), "train_seconds": state["train_seconds"],
               "steps": total, "curve": state["curve"], "hparams": hp,
-              "inference": inference_cost(ctx, alg.model, METHODS[method][1])}
+              "inference": inference_cost(ctx, alg.model, METHODS[method][1]),
+              "mask_flips": _flips(state)}
     C.log(f"[structured] {run_id}: filters {result['inference']['filter_sparsity']:.3f} "
           f"acc {result['test_acc']:.4f} {result['train_seconds']:.1f}s")
     _save_result(ctx, run_id, result)
@@ -286,10 +316,10 @@ def run_imp(ctx: Ctx, method: str, seed: int, pre: Dict[str, Any], hp: Optional[
     segs = [Segment(f"round{i + 1}", ctx.steps["imp_round"], enter=lambda a, s, r=r: a.next_round(r),
                     end=None if t is None else record(t)) for i, (r, t) in enumerate(plan)]
     stop = None if until is None else 1 + next(i for i, (_, t) in enumerate(plan) if t == until)
-    state = execute(ctx, run_id, alg, segs, seed, False, until=stop)
+    state = execute(ctx, run_id, alg, segs, seed, False, until=stop, track_masks=FLIP_PARTS)
     result = {"method": method, "seed": seed, "records": state["records"], "train_seconds": state["train_seconds"],
               "hparams": hp, "rounds": [{"rate": r, "target": t} for r, t in plan],
-              "steps_per_round": ctx.steps["imp_round"]}
+              "steps_per_round": ctx.steps["imp_round"], "mask_flips": _flips(state)}
     if len(state["records"]) == len(ctx.sparsities):
         _save_result(ctx, run_id, result)
     return result
@@ -300,7 +330,7 @@ def run_method(ctx: Ctx, method: str, seed: int, pre: Dict[str, Any]) -> List[Di
     if METHODS[method][0] == "imp":
         res = run_imp(ctx, method, seed, pre)
         return [dict(rec, method=method, seed=seed, train_seconds=rec["cum_train_seconds"], hparams=res["hparams"],
-                     code=res.get("code", ctx.code)) for rec in res["records"]]
+                     code=res.get("code", ctx.code), mask_flips=res.get("mask_flips")) for rec in res["records"]]
     return [run_one_shot(ctx, method, s, seed, pre) for s in ctx.sparsities]
 
 

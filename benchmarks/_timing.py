@@ -5,7 +5,10 @@ Timing rules (STYLE.md "Benchmarks"):
   * CUDA work is timed with ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls)
     when triton imports, else with CUDA events around each call after an L2-sized flush;
   * CPU work is timed with ``time.perf_counter`` around each call;
-  * every figure is reported as the median with the 20th and 80th percentiles.
+  * every figure is reported as the median with the 20th and 80th percentiles;
+  * things compared with each other on a shared or drifting machine are timed interleaved in one
+    process (:func:`interleaved`: the protocol of benchmarks/speedup.py's calibration), so that
+    a neighbour that wakes up or a clock that drifts moves every kind alike.
 
 The memory ceiling is measured, not taken from a data sheet: a large ``copy_`` (bytes read +
 written per second) and a large ``sum()`` (bytes read per second).
@@ -14,6 +17,7 @@ written per second) and a large ``sum()`` (bytes read per second).
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -155,3 +159,41 @@ def measure_bandwidth(device: torch.device, nbytes: Optional[int] = None, *, rep
         "copy_gbs": copy_gbs,  # bytes read + written per second
         "read_gbs": read_gbs,  # bytes read per second (sum)
     }
+
+
+INTERLEAVED = ("interleaved: {rounds} rounds + 1 warm-up round discarded; in each round one chunk of every "
+               "kind, in an order shuffled per round (random.Random({seed})); a kind's figure is the median "
+               "(p20/p80) over its chunks of the per-call time of the chunk; one process")
+
+
+def chunk_timer(fn: Callable[[], Any], calls: int, device: torch.device) -> Callable[[], float]:
+    """A chunk of ``calls`` calls of ``fn()`` timed with ``time.perf_counter`` (synchronised on
+    CUDA); returns seconds per call."""
+    def run() -> float:
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        return (time.perf_counter() - t0) / calls
+    return run
+
+
+def interleaved(chunks: Dict[str, Callable[[], float]], *, rounds: int = 15, seed: int = 0) -> Dict[str, Timing]:
+    """Time every kind of ``chunks`` (name -> a function that runs one chunk and returns its
+    seconds per call, e.g. :func:`chunk_timer`) interleaved: ``rounds`` + 1 rounds, one chunk of
+    every kind per round in a shuffled order, the first round discarded (it warms every kind up);
+    a kind's :class:`Timing` (ms) is the median, p20 and p80 over its ``rounds`` chunks."""
+    if rounds < 1:
+        raise ValueError(f"rounds: expected >= 1, got {rounds}")
+    rng = random.Random(seed)
+    per: Dict[str, List[float]] = {k: [] for k in chunks}
+    for r in range(rounds + 1):
+        order = list(chunks)
+        rng.shuffle(order)
+        for k in order:
+            t = chunks[k]()
+            if r > 0:
+                per[k].append(t * 1e3)
+    method = INTERLEAVED.format(rounds=rounds, seed=seed)
+    return {k: Timing.from_samples(v, method) for k, v in per.items()}

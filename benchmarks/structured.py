@@ -34,13 +34,18 @@ takes the choices benchmarks/speedup.py made for unstructured pruning from ``--t
 (default benchmarks/results/speedup-cpu-cpu/speedup.json; refused when that file holds none);
 ``none`` keeps the base settings. The JSON says which. The test set only reports.
 
-Inference cost of every final model on the CPU (``torch.utils.benchmark`` median,
-``--threads`` 2, ``inference_mode``, eval mode, batch 1 and 16), measured right after its run next
-to the dense architecture (ratios to dense do not drift with the machine): group masks are
-compacted (:func:`bip_fast.compact`, which checks masked == compacted) and the smaller plain model
-is timed; per-layer filter masks are not removable (a masked filter's BatchNorm shift still flows
-and the filters of coupled layers disagree), so their masked model is what is timed. MACs and
-parameters are those of the model timed; "nonzero params" counts the weights the masks keep.
+Inference cost of every final model on the CPU, as a user would ship it: compacted
+(:func:`bip_fast.compact`, which checks masked == compacted). Group masks lose every zeroed
+channel; per-layer filter masks lose the zero filters their coupled groups let go (the ReLU after
+the filter's BatchNorm maps its constant to 0, and no other layer of a residual addition still
+produces the channel) and keep the rest as zeros (the table says which share went). Timing: right
+after each run, the compacted, the masked and the plain dense model (and a second copy of it, a
+control) interleaved in one process (benchmarks/compact.py's protocol: 10 rounds of one chunk per
+kind in a shuffled order after a discarded warm-up round, median over chunks; ``--threads`` 2,
+``inference_mode``, eval mode, batch 1 and 16; the dense model gets about ``--min-run-time``
+seconds of timed calls), so ratios to dense do not drift with the machine. MACs and parameters
+are those of the compacted model; "nonzero params" counts the weights the masks keep. (Results
+made before this change timed per-layer filter masks as masked models; the table says which.)
 
 Output (``--out``, default benchmarks/results/structured-cpu/): structured.json (config, tuning,
 dense, rows = method x target with accuracy mean ± std over seeds and the inference cost, the run
@@ -121,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     t_start = time.monotonic()
     device = _device(args.device)
-    cfg = dict(PRESETS["cpu"], check_convergence=False, tune=args.tune)
+    cfg = dict(PRESETS["cpu"], check_convergence=False, tune=args.tune, seeds=3)
     if args.quick:
         cfg.update({k: v for k, v in QUICK.items() if k != "min_run_time"})
     for k in ("seeds", "dense_epochs", "train_subset"):
@@ -179,7 +184,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     dense = {"acc": statistics.mean(accs) if accs else 0.0, "acc_std": statistics.stdev(accs) if len(accs) > 1 else None,
              "acc_per_seed": accs, "val_acc": statistics.mean(vals) if vals else None, "runs": dense_runs,
              "cost": dense_cost(ctx)}
-    rows = R.aggregate(records, methods)
+    rows = R.aggregate(records, methods, dense_runs)
+    flips = R.mask_flips(records, methods)
     md = R.table(rows, dense, latency["batches"])
     print(md)
     codes = [d.get("code") for d in dense_runs] + [r.get("code") for rs in records.values() for r in rs]
@@ -198,13 +204,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = dict(cfg, device=str(device), methods=methods, steps=ctx.steps, data_dir=str(data_dir),
                   imp_rounds=[{"rate": r, "target": t} for r, t in imp_schedule(sparsities)],
                   structures={m: METHODS[m][1] for m in methods}, classifier="dense under per-layer filter masks",
-                  timer="torch.utils.benchmark blocked_autorange median, inference_mode, eval mode, CPU")
+                  timer="compacted, masked and dense models interleaved in one process (benchmarks/compact.py's "
+                        "protocol), median over chunks, inference_mode, eval mode, CPU")
     again = ["python benchmarks/structured.py --resume"] + (["--quick"] if args.quick else []) + (
         [] if args.max_minutes is None else [f"--max-minutes {args.max_minutes:g}"]) + (
         [] if tuple(methods) == DEFAULT_METHODS else [f"--methods {','.join(methods)}"]) + (
         [] if args.out == os.path.join(C.RESULTS_DIR, "structured-cpu" + ("-quick" if args.quick else ""))
         else [f"--out {args.out}"])
     extra = {"rows": rows, "dense": dense, "tuning": tuning, "records": records, "provenance": provenance,
+             "mask_flips": flips,
              "complete": stopped is None, "stopped_in": stopped, "continue_command": " ".join(again), "plots": pngs,
              "summary": {"rows": len(rows), "complete": stopped is None}}
     C.write_json(path, benchmark="structured", env=env, config=config, rows=[],

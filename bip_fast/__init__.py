@@ -24,6 +24,7 @@ from .nn import (
 from .pruning import GMP, IMP, OMP, SNIP, BiP, Dense, GraSP, Hydra, SynFlow
 from .masks import attach_groups, find_groups
 from .compaction import compact
+from .onnx_export import export_onnx  # imports onnx / onnxruntime only when called
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "attach_groups",
     "find_groups",
     "compact",
+    "export_onnx",
     "BiP",
     "IMP",
     "OMP",

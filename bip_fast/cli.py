@@ -10,6 +10,7 @@ flags given on the command line override it. Examples::
     python -m bip_fast finetune --checkpoint runs/omp90 --epochs 20 --out runs/ft
     python -m bip_fast eval --checkpoint runs/bip90
     python -m bip_fast export --checkpoint runs/bip90 --out runs/bip90/export
+    python -m bip_fast export --checkpoint runs/grp50 --out runs/grp50/export --compact --onnx
 
 A training command (pretrain, prune, finetune) prints its plan as the first line on stdout before
 its first step: every segment (dense phase, pruning, finetuning) with its epochs and steps, and
@@ -19,22 +20,34 @@ Bad input prints one line ``bip_fast: error: ...`` on stderr and exits with stat
 written in that case. A run folder that already holds a run is refused unless ``--resume`` (to
 continue it) or ``--force`` (to overwrite it). Under torchrun (WORLD_SIZE > 1) the process group
 is initialised from the environment and only rank 0 writes files and prints.
+
+Ctrl-C (SIGINT) at any moment ends a command with status 130 and one line on stderr saying what
+was left (a checkpoint to ``--resume``, or nothing), unless the command had already done all its
+work (a training run's results.json written), which then exits 0 with its results printed.
+:func:`main` installs its own SIGINT handler for this, also where the process inherited SIGINT
+*ignored*: a shell starts a background job (``cmd &`` in a script, or any non-interactive shell
+without job control) with SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+at all, so such a run used to ignore Ctrl-C and finish with status 0; only a signal landing inside
+a checkpoint write got through there (docs/reliability.md).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 import torch.distributed as dist
 
 from .engine.evaluation import evaluate_checkpoint, export_checkpoint
-from .engine.hparams import COMMANDS, DataHparams, RunConfig, add_flags, load_yaml
+from .engine.hparams import COMMANDS, DataHparams, RunConfig, add_flags, fixed_series_sparsity, load_yaml
 from .engine.loop import Trainer
 from .engine.rundir import check_out_dir, read_model_file
 from .engine.setup import init_distributed_from_env
+from .onnx_export import OnnxExportError
 
 __all__ = ["main", "build_parser"]
 
@@ -48,7 +61,8 @@ _HELP = {
              "printed is the plan: every segment's epochs and steps",
     "finetune": "retrain --checkpoint's model under its fixed masks",
     "eval": "test accuracy and sparsity of --checkpoint",
-    "export": "write --checkpoint as a plain PyTorch model (model_dense_format.pt) and masks.pt",
+    "export": "write --checkpoint as a plain PyTorch model (model_dense_format.pt) and masks.pt; --compact adds "
+              "model_compact.pt2, --onnx an ONNX file checked with ONNX Runtime",
 }
 # Flags that may differ from the checkpointed config on --resume.
 _RESUME_FREE = {"out", "resume", "force", "device", "progress", "config", "command", "nonfinite_skips"}
@@ -84,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
             run.add_argument("--compact", action="store_true",
                              help="also write model_compact.pt2: the removed channels cut out (structure group), "
                                   "saved by torch.export; torch.export.load(path).module() loads it without bip_fast")
+            run.add_argument("--onnx", action="store_true",
+                             help="also write model.onnx (the dense-format model), or with --compact model_compact.onnx "
+                                  "(the compacted one), checked with ONNX Runtime; needs onnx, onnxscript, onnxruntime")
         add_flags(p)
     return parser
 
@@ -102,7 +119,22 @@ def _config(args: argparse.Namespace) -> tuple[RunConfig, set]:
         flat.pop("out", None)
     if "subset" in flat and flat["subset"] is not None:
         flat["subset"] = tuple(flat["subset"])
-    return RunConfig.from_flat(flat), set(given)
+    cfg = RunConfig.from_flat(flat)
+    _check_fixed_series(cfg, "sparsity" in flat)
+    return cfg, set(given)
+
+
+def _check_fixed_series(cfg: RunConfig, sparsity_given: bool) -> None:
+    """``--rounds R`` runs IMP's fixed series, which ends where it ends (1 - (1 - imp_rate)^R); a
+    --sparsity (flag or config) that says otherwise is refused rather than silently replaced."""
+    p = cfg.prune
+    if p.rounds is None or not sparsity_given or p.rounds < 1 or not 0.0 < p.imp_rate < 1.0:
+        return  # nothing to compare (validation names a bad --rounds / --imp-rate)
+    end = fixed_series_sparsity(p.imp_rate, p.rounds)
+    if abs(p.sparsity - end) > 1e-9:
+        raise ValueError(f"sparsity: --rounds {p.rounds} at --imp-rate {p.imp_rate:g} is the fixed series, which "
+                         f"ends at sparsity {end:.6g}; got --sparsity {p.sparsity:g} (from the flag or --config): "
+                         f"drop --rounds to land on it, or drop --sparsity")
 
 
 def _check_resume_flags(trainer_cfg: RunConfig, requested: RunConfig, given: set) -> None:
@@ -141,10 +173,37 @@ def _check_arch_flag(cfg: RunConfig) -> None:
                          f"{cfg.model.arch} (drop --arch: the checkpoint records its architecture)")
 
 
-def _run(argv: Optional[List[str]]) -> int:
+class _CtrlC:
+    """The SIGINT handler of :func:`main`: the first Ctrl-C raises KeyboardInterrupt (the command
+    ends with status 130); once the outcome is decided (``settled``: the work is done, or an error
+    or an interrupt is being reported) further ones change nothing, so the one line and the exit
+    status stay what they are."""
+
+    def __init__(self) -> None:
+        self.settled = False
+
+    def __call__(self, signum, frame) -> None:
+        if not self.settled:
+            self.settled = True
+            raise KeyboardInterrupt
+
+
+def _take_sigint(handler: _CtrlC):
+    """Install ``handler`` for SIGINT (whatever the inherited disposition, ignored included);
+    returns the previous handler, or None where signals cannot be handled (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:  # no signals here (embedded interpreter)
+        return None
+
+
+def _run(argv: Optional[List[str]], ctrl_c: _CtrlC) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    compact = bool(vars(args).pop("compact", False))  # export's own flag, not a run setting
+    compact = bool(vars(args).pop("compact", False))  # export's own flags, not run settings
+    onnx = bool(vars(args).pop("onnx", False))
     cfg, given = _config(args)
     cmd = cfg.command
     _TRAINING_OUT[0] = cfg.out if cmd in ("pretrain", "prune", "finetune") else None
@@ -167,6 +226,7 @@ def _run(argv: Optional[List[str]]) -> int:
         finally:
             if dist_started:
                 dist.destroy_process_group()
+        ctrl_c.settled = True  # every file is written: a Ctrl-C from here on cannot undo the run
         if trainer.is_main:
             print(json.dumps(rep))
         return 0
@@ -177,28 +237,54 @@ def _run(argv: Optional[List[str]]) -> int:
         _check_arch_flag(cfg)
     if cmd == "eval":
         rep = evaluate_checkpoint(cfg)
+        ctrl_c.settled = True
         print(json.dumps(rep))
         return 0
-    rep = export_checkpoint(cfg, compact=compact)
+    rep = export_checkpoint(cfg, compact=compact, onnx=onnx)
+    ctrl_c.settled = True
     print(json.dumps(rep))
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point; returns the exit status (2 on bad input, with a one-line message)."""
+    """Entry point; returns the exit status (2 on bad input, with a one-line message; 130 on
+    Ctrl-C, see the module docstring).
+
+    ``main()`` (no ``argv``: this process's own command line, as ``python -m bip_fast`` and the
+    ``bip-fast`` script call it) leaves its settled SIGINT handler in place when it returns, so a
+    Ctrl-C while the interpreter exits cannot change the status; ``main(argv)`` restores the
+    caller's handler before returning.
+    """
     _TRAINING_OUT[0] = None
+    ctrl_c = _CtrlC()
+    previous = _take_sigint(ctrl_c)
     try:
-        return _run(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2, message already printed)
-        return e.code if isinstance(e.code, int) else 2
-    except (ValueError, FileNotFoundError, TypeError, NotADirectoryError, IsADirectoryError,
-            ArithmeticError) as e:  # ArithmeticError: the run diverged (NaN/inf), nothing written
-        print(f"bip_fast: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, I/O error while writing: the previous checkpoint is kept
-        print(f"bip_fast: error: {_one_line(e)}", file=sys.stderr)
-        return 1
+        return _main(argv, ctrl_c)
+    finally:
+        if argv is not None and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: Optional[List[str]], ctrl_c: _CtrlC) -> int:
+    # Each branch settles first (a plain attribute store: no signal handler can run before it);
+    # a KeyboardInterrupt raised anywhere inside reaches the outer handler.
+    try:
+        try:
+            return _run(argv, ctrl_c)
+        except SystemExit as e:  # argparse: --help (0) or a usage error (2, message already printed)
+            ctrl_c.settled = True
+            return e.code if isinstance(e.code, int) else 2
+        except (ValueError, FileNotFoundError, TypeError, NotADirectoryError, IsADirectoryError,
+                ArithmeticError, OnnxExportError) as e:  # ArithmeticError: the run diverged (NaN/inf), nothing written
+            ctrl_c.settled = True
+            print(f"bip_fast: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except OSError as e:  # disk full, I/O error while writing: the previous checkpoint is kept
+            ctrl_c.settled = True
+            print(f"bip_fast: error: {_one_line(e)}", file=sys.stderr)
+            return 1
     except KeyboardInterrupt:
+        ctrl_c.settled = True  # the handler settled already, unless the interrupt was raised by code
         print(f"bip_fast: interrupted ({_interrupt_note()})", file=sys.stderr)
         return 130
 

@@ -18,6 +18,11 @@ if ! "$VENV/bin/python" -c "import numpy, tqdm, yaml, matplotlib, scipy, pytest,
   "${PIP[@]}" install -q numpy tqdm pyyaml matplotlib scipy pytest pytest-xdist hypothesis ninja setuptools wheel cmake
   "${PIP[@]}" install -q --no-deps "torch-pruning>=1.5"  # no deps: it must not replace the torch above
 fi
+# Optional integrations the tests exercise (README, "Dependencies and why"): ONNX export checked by
+# ONNX Runtime, TensorBoard logging, the Hugging Face example. None of them depends on torch.
+if ! "$VENV/bin/python" -c "import onnx, onnxscript, onnxruntime, tensorboard, transformers" 2>/dev/null; then
+  "${PIP[@]}" install -q onnx onnxscript onnxruntime tensorboard transformers
+fi
 # Build the extension (CPU kernels always; CUDA kernels where nvcc and a CUDA torch exist), only
 # when something it is built from changed: the stamp is a hash of csrc/, setup.py, pyproject.toml,
 # the torch version, nvcc and the build flags. A clean clone has no stamp and builds from scratch.

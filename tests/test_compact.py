@@ -9,7 +9,7 @@ import torch
 import bip_fast
 from bip_fast.models import build
 
-from bip_fast.compaction import count_macs
+from bip_fast.compaction import REACHES as C_REACHES, count_macs
 
 from _compact_helpers import bip_fast_modules, expected_macs, expected_params, plain_params, randomise_norms, tv
 
@@ -88,17 +88,6 @@ def test_training_keeps_masked_equal_to_compacted():
     _check(masked, x, bip_fast.compact(masked, x))
 
 
-def test_per_layer_filter_masks_are_not_cut():
-    """Per-layer filter masks leave BatchNorm shifts flowing: nothing is removable, the function is kept."""
-    torch.manual_seed(0)
-    model = randomise_norms(build("resnet20"))
-    x = torch.randn(2, 3, 32, 32)
-    alg = bip_fast.OMP(model, 0.5, structure="filter")
-    small = bip_fast.compact(alg.model.eval(), x)
-    assert sum(p.numel() for p in small.parameters()) == plain_params(alg.model)
-    torch.testing.assert_close(small(x), alg.model(x), rtol=1e-5, atol=1e-5)
-
-
 def test_dense_plain_model_compacts_to_itself():
     model = randomise_norms(build("resnet20")).eval()
     x = torch.randn(1, 3, 32, 32)
@@ -107,10 +96,37 @@ def test_dense_plain_model_compacts_to_itself():
 
 
 def test_wrong_removal_is_caught(monkeypatch):
-    """The safety net: had a channel been judged removable wrongly, the comparison refuses the result."""
+    """The safety net: had live channels been judged removable (every filter zero, nothing
+    non-zero reaching a reader), the comparison refuses the result."""
     import bip_fast.compaction as C
 
+    class NothingReaches(dict):
+        def get(self, key, default=None):
+            return torch.zeros(1 << 16, dtype=torch.bool)
+
     masked, x = _pruned("resnet20", 0.5)
-    monkeypatch.setattr(C, "_producer_zero", lambda mod, mem: torch.ones(len(mem.index), dtype=torch.bool))
-    with pytest.raises(ValueError, match="does not map a zero channel to zero"):
+    monkeypatch.setattr(C, "_filter_zero", lambda mod, mem: torch.ones(len(mem.index), dtype=torch.bool))
+    monkeypatch.setattr(C, "_reaching", lambda plain, groups, example_inputs: NothingReaches())
+    with pytest.raises(ValueError, match="was not zero where a layer reads it"):
         bip_fast.compact(masked, x)
+
+
+def test_gate_that_does_not_map_zero_to_zero_keeps_the_channel():
+    """A zero channel that an added constant turns non-zero before the next layer stays (as zeros)."""
+    from torch import nn
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x) + 1.0)
+
+    model = Shifted()
+    with torch.no_grad():
+        model.a.weight[1].zero_()
+        model.a.bias[1] = 0.0
+    small, rep = bip_fast.compact(model, torch.randn(2, 3, 4, 4), return_report=True)
+    assert small.a.out_channels == 4 and rep.channels_removed == 0 and rep.filters_zero == 1
+    assert rep.kept_because == {C_REACHES: 1}

@@ -38,7 +38,7 @@ def test_plan_lines():
         "plan: bip 100 epochs x 391 steps, score lr 0.1 (0.1 x 39100 / 39100 steps) | 100 epochs, 39100 steps in all")
     assert plan(method="bip", pretrained="p", epochs=2, score_lr=0.5, spe=10) == (
         "plan: bip 2 epochs x 10 steps, score lr 0.5 | 2 epochs, 20 steps in all")
-    assert "score lr 19.55 (0.1 x 39100 / 200 steps) outside the measured 349-39100 steps: set --score-lr" in \
+    assert "score lr 19.55 (0.1 x 39100 / 200 steps), not a measured length (349/698/39100 steps): set --score-lr" in \
         plan(method="bip", pretrained="p", epochs=2, spe=100)
     assert plan(method="omp", pretrain_epochs=5, epochs=3, spe=7) == (
         "plan: dense phase 5 epochs x 7 steps (--pretrain-epochs) | omp 3 epochs x 7 steps | 8 epochs, 56 steps in all")
@@ -47,7 +47,13 @@ def test_plan_lines():
         "120 epochs, 120 steps in all")
     assert plan(method="imp", sparsity=0.5, epochs=4, spe=2) == (
         "plan: imp round 0 (dense) 4 epochs x 2 steps, rewind point: start of epoch 3 | imp rounds 1-4 (each "
-        "prunes 0.2 of the remaining weights, rewinds and retrains) 4 x 4 epochs x 2 steps | 20 epochs, 40 steps "
+        "prunes 0.2 of the remaining weights, the last 0.02344 to land on --sparsity 0.5; sparsity after each round "
+        "0.2, 0.36, 0.488, 0.5; rewinds and retrains) 4 x 4 epochs x 2 steps | 20 epochs, 40 steps in all")
+    assert plan(method="imp", pretrained="p", rounds=2, epochs=1, spe=2) == (
+        "plan: imp rounds 1-2 (fixed series --imp-rate 0.2 --rounds 2: each prunes 0.2 of the remaining weights; "
+        "sparsity after each round 0.2, 0.36; rewinds and retrains) 2 x 1 epoch x 2 steps | 2 epochs, 4 steps in all")
+    assert plan(method="omp", pretrained="p", epochs=1, spe=2, include="layer*,fc", exclude="layer1.*") == (
+        "plan: omp 1 epoch x 2 steps | layers chosen by --include layer*,fc --exclude layer1.* | 1 epoch, 2 steps "
         "in all")
     assert plan(command="pretrain", method="dense", epochs=5, spe=3) == (
         "plan: dense 5 epochs x 3 steps, keeps the start of epoch 3 for IMP (rewind.pt) | 5 epochs, 15 steps in all")
@@ -88,15 +94,16 @@ def test_cli_first_line_is_the_plan(tmp_path, args, first):
 
 
 # ----------------------------------------------------------------------------- the score-lr rule
-def test_rule_and_its_measured_range():
-    lo, hi = MEASURED_SCORE_STEPS
-    assert (lo, hi) == (349, 39100)
+def test_rule_and_its_measured_lengths():
+    assert MEASURED_SCORE_STEPS == (349, 698, 39100)  # the lengths it was measured at, nothing in between
+    lo, hi = MEASURED_SCORE_STEPS[0], MEASURED_SCORE_STEPS[-1]
     assert scaled_score_lr(hi) == pytest.approx(0.1) and scaled_score_lr(lo) == pytest.approx(11.2034, abs=1e-4)
     assert scaled_score_lr(10) * 10 == pytest.approx(0.1 * 39100)  # the product is what the rule keeps
 
 
-@pytest.mark.parametrize("steps,warns", [(10, "391"), (348, "11.24"), (349, None), (39100, None), (39101, "0.1"),
-                                         (500_000, "0.00782"), (None, None)])
+@pytest.mark.parametrize("steps,warns", [(10, "391"), (331, "11.81"), (348, None), (349, None), (698, None),
+                                         (1000, "3.91"), (5000, "0.782"), (39000, None), (39100, None),
+                                         (41100, "0.09513"), (500_000, "0.00782"), (None, None)])
 def test_warning_outside_the_measured_range(steps, warns):
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")

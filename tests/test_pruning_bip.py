@@ -194,10 +194,13 @@ def test_bip_official_matches_authors_update():
 
 
 # ----------------------------------------------------------------------------- structures
-@pytest.mark.parametrize("structure,counts", [("layer", [6, 4]), ("filter", [6, 4]), ("channel", [8, 4])])
-def test_bip_structures(structure, counts):
+@pytest.mark.parametrize("structure,include,counts", [
+    ("layer", None, [6, 4]), ("filter", "*", [6, 4]), ("channel", "*", [8, 4]),
+    ("filter", None, [6, 8]), ("channel", None, [8, 8]),  # the output layer stays dense unless included
+])
+def test_bip_structures(structure, include, counts):
     model = linear_toy(relu=True)
-    alg = BiP(model, 0.5, structure=structure, loss_fn=lin_loss)
+    alg = BiP(model, 0.5, structure=structure, loss_fn=lin_loss, include=include)
     alg.step(*batches(9, 2))
     mods = [m for _, m in masked_modules(model)]
     assert [int(m.mask.sum()) for m in mods] == counts

@@ -55,15 +55,17 @@ def kept_filters(mask: torch.Tensor) -> list:
     ("l2", [[0, 2, 4], [0, 4], [0], [0]], [0]),
     ("l1", [[1, 2, 4], [1, 4], [1], [1]], [1]),
 ])
-def test_imp_filter_rounds_by_hand(norm, rounds, out):
+@pytest.mark.parametrize("include", [None, "*"])
+def test_imp_filter_rounds_by_hand(norm, rounds, out, include):
     # rate 0.4: 5 filters -> round(3) = 3 -> round(1.8) = 2 -> round(1.2) = 1 -> max(1, round(0.6)) = 1;
-    # the 2 output filters -> round(1.2) = 1. No training: every round sees the rewound weights.
-    alg = IMP(filter_toy(), rate=0.4, structure="filter", filter_norm=norm)
+    # the 2 output filters stay (the model's output), unless include selects the layer: then
+    # round(1.2) = 1. No training: every round sees the rewound weights.
+    alg = IMP(filter_toy(), rate=0.4, structure="filter", filter_norm=norm, include=include)
     mods = [m for _, m in masked_modules(alg.model)]
     for want in rounds:
         alg.next_round()
         assert kept_filters(mods[0].mask) == want
-        assert kept_filters(mods[1].mask) == out
+        assert kept_filters(mods[1].mask) == (out if include else [0, 1])
         assert bool(mods[0].mask[want].all())  # whole filters
         torch.testing.assert_close(mods[0].weight.detach(), ROWS)  # rewound, pruned filters included
 
@@ -159,12 +161,14 @@ def test_imp_structure_checks_and_resume():
 
 # ----------------------------------------------------------------------------- OMP-F / L1-norm
 @pytest.mark.parametrize("norm, want, out", [("l2", [0, 4], [0]), ("l1", [1, 4], [1])])
-def test_omp_filter_norm_by_hand(norm, want, out):
-    # sparsity 0.6: 5 filters keep round(2) = 2, the 2 output filters round(0.8) = 1
-    alg = OMP(filter_toy(), 0.6, structure="filter", filter_norm=norm)
+@pytest.mark.parametrize("include", [None, "*"])
+def test_omp_filter_norm_by_hand(norm, want, out, include):
+    # sparsity 0.6: 5 filters keep round(2) = 2; the 2 output filters stay (the model's output),
+    # unless include selects the layer: then round(0.8) = 1
+    alg = OMP(filter_toy(), 0.6, structure="filter", filter_norm=norm, include=include)
     first, second = [m for _, m in masked_modules(alg.model)]
     assert kept_filters(first.mask) == want
-    assert kept_filters(second.mask) == out
+    assert kept_filters(second.mask) == (out if include else [0, 1])
 
 
 @pytest.mark.parametrize("norm, want", [("l2", [0, 4]), ("l1", [1, 4])])

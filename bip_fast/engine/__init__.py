@@ -4,7 +4,8 @@ commands around it (hyper-parameters, run folders, eval and export) compose the 
 Modules: :mod:`.sections` and :mod:`.hparams` (configuration), :mod:`.plan` (segments of a run),
 :mod:`.setup` (device, loaders, algorithm of a segment), :mod:`.baselines` (the one-shot
 baselines' inputs), :mod:`.loop` (the Trainer), :mod:`.rundir` and :mod:`.checks` (run folders
-and what a run checks before touching one), :mod:`.evaluation` (accuracy, eval and export).
+and what a run checks before touching one), :mod:`.evaluation` (accuracy, eval and export),
+:mod:`.tblog` (``--tensorboard``: the metrics as TensorBoard events).
 See docs/architecture.md for what each floor may import.
 """
 from __future__ import annotations

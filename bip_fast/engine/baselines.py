@@ -30,7 +30,7 @@ AT_INIT = ("snip", "grasp", "synflow")
 
 def build(kind: str, model: nn.Module, cfg, steps_per_epoch: int, common: Dict[str, Any]):
     """The ``kind`` algorithm around ``model`` from a resolved :class:`RunConfig`; ``common``
-    holds ``momentum`` and ``total_steps`` (the segment's)."""
+    holds ``momentum`` and ``total_steps`` (the segment's), and ``include`` / ``exclude``."""
     p, t = cfg.prune, cfg.train
     kw: Dict[str, Any] = dict(structure=p.structure, lr=t.lr, weight_decay=t.weight_decay, **common)
     if kind == "grasp":

@@ -8,12 +8,12 @@ run can neither be resumed nor evaluated under the wrong name.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 
-from ..nn import MASKED_OF, MASKED_TYPES
+from ..nn import MASKED_OF, MASKED_TYPES, layer_selection
 from ..nn.convert import _bypassed
-from .hparams import RunConfig
+from .hparams import RunConfig, layer_patterns
 
 __all__ = ["RUN_IDENTITY", "check_same_run", "check_nm_layers"]
 
@@ -57,13 +57,16 @@ def check_same_run(stored: Mapping[str, Any], folder, what: str, file) -> None:
 # checks that need the model, run before the folder is touched
 # --------------------------------------------------------------------------------------------
 
-def check_nm_layers(model, n: int, m: int) -> None:
-    """N:M structure: every layer that will be masked needs an input dimension divisible by M
-    (a depthwise 3x3 conv has 9). Raises ValueError naming the first layer that has not."""
+def check_nm_layers(model, n: int, m: int, include: Optional[str] = None, exclude: Optional[str] = None) -> None:
+    """N:M structure: every layer that will be masked (``--include`` / ``--exclude``, the
+    comma-separated patterns) needs an input dimension divisible by M (a depthwise 3x3 conv has 9).
+    Raises ValueError naming the first layer that has not."""
+    chosen = set(layer_selection(model, layer_patterns(include), layer_patterns(exclude)))
     for name, mod in model.named_modules():
         if not (isinstance(mod, MASKED_TYPES) or type(mod) in MASKED_OF) or _bypassed(model, name):
             continue
         k = mod.weight[0].numel()
-        if k % m:
+        if k % m and name in chosen:
             raise ValueError(f"structure: {n}:{m} pruning needs every pruned layer's input dimension to divide by "
-                             f"{m}; layer {name!r} (weight {tuple(mod.weight.shape)}) has {k}")
+                             f"{m}; layer {name!r} (weight {tuple(mod.weight.shape)}) has {k} (--exclude {name} "
+                             f"leaves it dense)")

@@ -8,12 +8,13 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ..compaction import export_compact
+from ..compaction import compact as compact_model, export_compact
 from ..data import load_dataset, load_folder_dataset
 from ..files import checkpoint as ckpt
 from ..masks import save_masks
 from ..models import build
 from ..nn import finalize, masked_modules, sparsify, sparsity_report
+from ..onnx_export import onnx_bytes, require_onnx, write_onnx
 from .hparams import FOLDER_DATASETS, RunConfig
 from .rundir import EXPORT_FILES, cpu_state, load_state_into, read_model_file
 from .setup import example_input, resolve_device
@@ -87,12 +88,16 @@ def evaluate_checkpoint(cfg: RunConfig) -> Dict[str, Any]:
             "kept": rep["kept"], "test_samples": n_test}
 
 
-def export_checkpoint(cfg: RunConfig, num_classes: Optional[int] = None, compact: bool = False) -> Dict[str, str]:
+def export_checkpoint(cfg: RunConfig, num_classes: Optional[int] = None, compact: bool = False,
+                      onnx: bool = False) -> Dict[str, str]:
     """Write ``model_dense_format.pt`` (state dict of the finalize()d plain model: masked weights
     zeroed, loadable into ``models.build(arch)``) and ``masks.pt`` (``bip_fast.masks.save_masks``).
     With ``compact``: also ``model_compact.pt2``, the model with its removed channels cut out
     (:func:`bip_fast.compact`) saved by ``torch.export``; ``torch.export.load(path).module()``
-    loads it without bip_fast (batch size free, the dataset's image size)."""
+    loads it without bip_fast (batch size free, the dataset's image size).
+    With ``onnx``: also ``model.onnx`` (the finalized dense-format model), or with ``compact``
+    ``model_compact.onnx`` (the compacted one), checked with ONNX Runtime
+    (:func:`bip_fast.export_onnx`); it is made and checked before any file is written."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: '{cfg.out}' exists and is not a directory")
@@ -105,6 +110,12 @@ def export_checkpoint(cfg: RunConfig, num_classes: Optional[int] = None, compact
     model = load_model(cfg.checkpoint, cfg, num_classes)
     if not masked_modules(model):
         model = sparsify(model)  # a dense model: all-True masks
+    onnx_file = None
+    if onnx:  # a missing package or a model the exporter cannot take: refused before anything is written
+        require_onnx()
+        ex = example_input(cfg.data.dataset)
+        target = compact_model(model.cpu().eval(), ex) if compact else model.cpu().eval()
+        onnx_file = ("model_compact.onnx" if compact else "model.onnx",) + onnx_bytes(target, ex)
     out.mkdir(parents=True, exist_ok=True)
     save_masks(model, out / "masks.pt")
     plain = finalize(copy.deepcopy(model))
@@ -113,4 +124,7 @@ def export_checkpoint(cfg: RunConfig, num_classes: Optional[int] = None, compact
     if compact:
         done = export_compact(model.cpu().eval(), example_input(cfg.data.dataset), out / "model_compact.pt2")
         rep.update(compact=done["path"], compact_params=done["params"], params=done["masked_params"])
+    if onnx_file is not None:
+        name, data, info = onnx_file
+        rep.update(onnx=write_onnx(data, out / name), onnx_opset=info["opset"], onnx_max_abs_diff=info["max_abs_diff"])
     return rep

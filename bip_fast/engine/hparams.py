@@ -27,13 +27,13 @@ from ..models import ARCHS
 from .sections import (
     CIFAR_DATASETS, COMMANDS, DATASETS, FIELD_SECTION, FOLDER_DATASETS, METHOD_DEFAULTS, METHODS, SCHEDULES,
     SCORE_INITS, SECTIONS, STRUCTURES, VARIANTS, DataHparams, ModelHparams, PruneHparams, TrainHparams,
-    dense_epochs,
+    check_budget_flags, dense_epochs,
 )
 
 __all__ = [
     "METHODS", "COMMANDS", "STRUCTURES", "VARIANTS", "SCHEDULES", "SCORE_INITS", "DATASETS",
     "METHOD_DEFAULTS", "DataHparams", "ModelHparams", "PruneHparams", "TrainHparams", "RunConfig",
-    "add_flags", "load_yaml",
+    "add_flags", "load_yaml", "layer_patterns", "fixed_series_sparsity",
 ]
 
 
@@ -237,6 +237,8 @@ class RunConfig:
             flat["score_lr"] = 0.1  # Hydra's; BiP resolves None from its step count (scaled_score_lr)
         if flat["rewind_epoch"] is None:
             flat["rewind_epoch"] = _default_rewind_epoch(self.command, method, flat)
+        if method == "imp" and isinstance(flat["rounds"], int) and flat["rounds"] >= 1 and 0 < flat["imp_rate"] < 1:
+            flat["sparsity"] = fixed_series_sparsity(flat["imp_rate"], flat["rounds"])  # where the series ends
         cfg = RunConfig.from_flat(flat)
         cfg.validate()
         return cfg
@@ -271,6 +273,15 @@ class RunConfig:
             raise ValueError("schedule: the official BiP variant is alternating only")
         if not 0.0 < p.imp_rate < 1.0:
             raise ValueError(f"imp_rate: expected a value in (0, 1), got {p.imp_rate!r}")
+        if p.rounds is not None and (p.rounds < 1 or p.method != "imp" or c != "prune"):
+            raise ValueError(f"rounds: prune --method imp runs --rounds N >= 1 rounds of --imp-rate (the fixed "
+                             f"series), got --rounds {p.rounds} with {c} --method {p.method}")
+        for name, v in (("include", p.include), ("exclude", p.exclude)):
+            if v is not None and c != "prune":
+                raise ValueError(f"{name}: only prune chooses the layers to mask ({c} takes them from its model), "
+                                 f"got --{name} {v!r}")
+            if v is not None and not layer_patterns(v):
+                raise ValueError(f"{name}: expected module names or glob patterns, comma-separated, got {v!r}")
         if not (p.gamma > 0):
             raise ValueError(f"gamma: expected a positive value, got {p.gamma!r}")
         for name, v in (("rewind_epoch", p.rewind_epoch), ("hydra_score_epochs", p.hydra_score_epochs)):
@@ -296,6 +307,7 @@ class RunConfig:
                 raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
         if not (math.isfinite(p.grasp_temperature) and p.grasp_temperature > 0):
             raise ValueError(f"grasp_temperature: expected a positive number, got {p.grasp_temperature!r}")
+        check_budget_flags(c, p)
         if p.method == "imp" and p.structure not in (None, "global", "filter", "group"):
             raise ValueError(f"structure: imp prunes globally (global), whole filters per layer (filter, IMP-F) or "
                              f"whole channel groups (group), got {p.structure!r}")
@@ -334,6 +346,19 @@ class RunConfig:
             raise ValueError(f"sparsity: prune needs a sparsity in (0, 1), got {p.sparsity!r}")
         if c in ("finetune", "eval", "export") and not self.checkpoint:
             raise ValueError(f"checkpoint: {c} needs --checkpoint PATH (a run folder, checkpoint.pt or model.pt)")
+
+
+def layer_patterns(value: Optional[str]) -> Optional[list]:
+    """``--include`` / ``--exclude``: the comma-separated module names or glob patterns as a list
+    (None: not given)."""
+    if value is None:
+        return None
+    return [x.strip() for x in str(value).split(",") if x.strip()]
+
+
+def fixed_series_sparsity(rate: float, rounds: int) -> float:
+    """Sparsity after ``rounds`` IMP rounds of ``rate`` each: 1 - (1 - rate)^rounds."""
+    return 1.0 - (1.0 - rate) ** rounds
 
 
 DEFAULT_REWIND_EPOCH = 3  # "an early epoch" of the dense run (SPEC §5); our choice

@@ -4,17 +4,15 @@ A run (``pretrain``, ``prune`` or ``finetune``) is planned as a list of *segment
 of epochs of one algorithm; :mod:`.plan` describes each command's segments and the files they
 leave (``model.pt``, ``rewind.pt``, ``round_RR.pt``).
 
-Per epoch: the algorithm's ``step`` over the training loader (for BiP a :class:`BilevelLoader`:
-lower batch for the weight step, upper batch for the score step; an epoch is one pass of the
-upper loader), metrics accumulated on the device (one host sync per ``log_interval`` steps, no
-extra forward for logging); evaluation on the test split (eval mode, no grad); one line in
-``metrics.jsonl``; an atomic ``checkpoint.pt`` holding everything needed to continue exactly
-(model, algorithm state with optimisers / schedule / masks / IMP round / Hydra phase / rewind
+Per epoch: the algorithm's ``step`` over the training loader (for BiP a :class:`BilevelLoader`: lower
+batch for the weight step, upper batch for the score step; an epoch is one pass of the upper loader),
+metrics accumulated on the device (one host sync per ``log_interval`` steps, no extra forward for
+logging); evaluation on the test split (eval mode, no grad); one line in ``metrics.jsonl`` (and
+TensorBoard events, :mod:`.tblog`); an atomic ``checkpoint.pt`` holding everything needed to continue
+exactly (model, algorithm state with optimisers / schedule / masks / IMP round / Hydra phase / rewind
 state, both loaders' states, RNG states, segment and epoch, history, config). ``resume=True``
 continues from it; the resumed run ends bit-identical to an uninterrupted one (same device and
-software). Checkpoints are taken at epoch ends only.
-
-Distributed runs (torchrun): see :mod:`.setup`.
+software). Checkpoints are taken at epoch ends only. Distributed runs (torchrun): see :mod:`.setup`.
 
 Not implemented: CUDA-graph capture of the iteration (documented option of the project brief);
 ``compile=True`` uses ``torch.compile`` on the forward instead.
@@ -38,7 +36,7 @@ from ..masks import save_masks
 from ..models import build
 from ..nn import masked_modules, sparsity_report, to_sync_norms
 from ..pruning.base import NonFiniteError
-from . import baselines
+from . import baselines, tblog
 from .checks import check_nm_layers, check_same_run
 from .evaluation import density, evaluate
 from .hparams import RunConfig
@@ -98,6 +96,7 @@ class Trainer:
         self.plan_text: Optional[str] = None
         self.rank, self.world = dist_info()
         self.out = Path(self.cfg.out) if self.cfg.out else None
+        self.tb = tblog.EventMirror(self.cfg.train.tensorboard, self.out)  # checks the package up front
         self.history: List[Dict[str, Any]] = []
         self.rounds: List[Dict[str, Any]] = []
         self.alg = None
@@ -172,6 +171,7 @@ class Trainer:
     def _save(self, seg_i: int, epoch: int) -> None:
         if self.out is None or not self.is_main:
             return
+        self.tb.write(self.history)  # before the checkpoint: a resume purges the epochs it replays
         ckpt.save_atomic(self._state(seg_i, epoch), self.out / CHECKPOINT)
         lines = "".join(json.dumps(strict_json(h), allow_nan=False) + "\n" for h in self.history)
         ckpt.write_text_atomic(self.out / METRICS, lines)
@@ -321,7 +321,7 @@ class Trainer:
             raise ValueError(f"command: Trainer runs pretrain, prune or finetune, got {cfg.command!r}")
         if self.out is None or not self.is_main:
             return self._run()
-        with RunLock(self.out, cfg.command):  # one run per folder; also the writability check
+        with RunLock(self.out, cfg.command), self.tb:  # one run per folder (also the writability check)
             return self._run()
 
     def _run(self) -> Dict[str, Any]:
@@ -354,7 +354,7 @@ class Trainer:
                 sd, _ = read_model_file(cfg.model.pretrained, "pretrained")
                 model = load_state_into(model, sd, "pretrained", cfg.model.pretrained)
             if cfg.command == "prune" and cfg.prune.structure == "nm":
-                check_nm_layers(model, cfg.prune.nm_n, cfg.prune.nm_m)
+                check_nm_layers(model, cfg.prune.nm_n, cfg.prune.nm_m, cfg.prune.include, cfg.prune.exclude)
             self.inner = self._place(model)
             seg_i = 0
             self._enter(0)  # builds (and validates) the first algorithm before the folder is touched

@@ -14,9 +14,12 @@
   ``--pretrained RUN`` there is no round 0: round 1 prunes by the converged weights' magnitudes and
   every round rewinds to the early weights RUN's ``pretrain`` kept in ``rewind.pt`` (refused
   without one, unless ``--rewind-to-pretrained`` asks to rewind to the pretrained weights). Then
-  rounds 1..R (``IMP.next_round()``: prune 20% of the remaining weights, rewind, full retraining
-  schedule) with R = IMP.rounds_for(1 - sparsity): the first round whose density is at most the
-  target (0.8^R <= 1 - sparsity). Each round ends with ``round_RR.pt`` (model, masks, accuracy).
+  rounds 1..R (``IMP.next_round()``: prune 20% (``--imp-rate``) of the remaining weights, rewind,
+  full retraining schedule) with R = IMP.rounds_for(1 - sparsity): the first round whose density
+  is at most the target (0.8^R <= 1 - sparsity); round R prunes less, so that the run lands
+  exactly on ``--sparsity`` (``IMP(sparsity=...)``). ``--rounds R`` runs the paper's fixed series
+  instead: R rounds of ``--imp-rate`` each, ending at sparsity 1 - 0.8^R. The plan gives the
+  sparsity after each round. Each round ends with ``round_RR.pt`` (model, masks, accuracy).
 - ``finetune --checkpoint PATH``: Dense SGD of the masked model under its fixed masks.
 
 How a segment runs (per epoch, checkpoints, resume) is in :mod:`bip_fast.engine.loop`.
@@ -26,7 +29,7 @@ epochs and steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from ..pruning import IMP
 from ..pruning.bip import MEASURED_SCORE_STEPS, PAPER_SCORE_STEPS, scaled_score_lr, score_lr_note
@@ -66,7 +69,8 @@ def plan_segments(cfg: RunConfig) -> List[Segment]:
     have = bool(cfg.model.pretrained)
     segs: List[Segment] = []
     if p.method == "imp":
-        rounds = IMP.rounds_for(1.0 - p.sparsity, p.imp_rate)
+        rounds = (p.rounds if p.rounds is not None else IMP.rounds_for(_budget(p)[1], p.imp_rate) if _budget(p)
+                  else IMP.rounds_for(1.0 - p.sparsity, p.imp_rate))
         if not have:
             if p.rewind_epoch >= t.epochs:
                 raise ValueError(f"rewind_epoch: must be < epochs ({t.epochs}) so that round 0 reaches the "
@@ -101,16 +105,17 @@ def _score_lr_text(cfg: RunConfig, steps: int) -> str:
         return f", score lr {cfg.prune.score_lr:g}"
     text = f", score lr {scaled_score_lr(steps):.4g} (0.1 x {PAPER_SCORE_STEPS} / {steps} steps)"
     if score_lr_note(steps):
-        lo, hi = MEASURED_SCORE_STEPS
-        text += f" outside the measured {lo}-{hi} steps: set --score-lr"
+        lengths = "/".join(str(n) for n in MEASURED_SCORE_STEPS)
+        text += f", not a measured length ({lengths} steps): set --score-lr"
     return text
 
 
 def describe_plan(cfg: RunConfig, segments: List[Segment], steps_per_epoch: int, start: int = 0,
                   start_epoch: int = 0) -> str:
     """One line: ``plan: <segment> E epochs x S steps | ... | N epochs, M steps in all``, with the
-    dense phase's origin and BiP's resolved score lr; ``start``/``start_epoch``: where a resumed
-    run continues."""
+    dense phase's origin, BiP's resolved score lr, the sparsity after each IMP round and the
+    ``--include`` / ``--exclude`` patterns; ``start``/``start_epoch``: where a resumed run
+    continues."""
     spe = steps_per_epoch
     p = cfg.prune
     parts: List[str] = []
@@ -123,10 +128,8 @@ def describe_plan(cfg: RunConfig, segments: List[Segment], steps_per_epoch: int,
             while j + 1 < len(segments) and segments[j + 1].kind == "imp":
                 j += 1
             n = j - i + 1
-            unit = {"filter": "filters of each layer", "group": "channels of each channel group"}.get(
-                p.structure or "global", "weights")
-            parts.append(f"imp rounds {seg.round}-{segments[j].round} (each prunes {p.imp_rate:g} of the "
-                         f"remaining {unit}, rewinds and retrains) {n} x {shape}")
+            parts.append(f"imp rounds {seg.round}-{segments[j].round} ({_imp_rounds_text(cfg)}; rewinds and "
+                         f"retrains) {n} x {shape}")
             i = j + 1
             continue
         if seg.name == "pretrain":
@@ -149,11 +152,51 @@ def describe_plan(cfg: RunConfig, segments: List[Segment], steps_per_epoch: int,
         else:
             parts.append(f"{seg.name} {shape}")
         i += 1
+    if _budget(p):  # --macs / --params instead of --sparsity
+        kind, f = _budget(p)
+        parts.append(f"budget --{kind} {f:g} (at most {f:g} of the dense model's {_KIND_WORDS[kind]}, channels ranked "
+                     f"across all groups by score per {_KIND_UNIT[kind]}; --sparsity unused)")
+    chosen = [f"--{k} {v}" for k, v in (("include", p.include), ("exclude", p.exclude)) if v is not None]
+    if chosen:  # which layers are masked (sparsify's include / exclude)
+        parts.append(f"layers chosen by {' '.join(chosen)}")
     epochs = sum(s.epochs for s in segments)
     head = "plan"
     if start or start_epoch:
         head += f" (resuming at epoch {start_epoch + 1} of {segments[start].name})"
     return f"{head}: {' | '.join(parts)} | {_count(epochs, 'epoch')}, {_count(epochs * spe, 'step')} in all"
+
+
+def _imp_rounds_text(cfg: RunConfig) -> str:
+    """What IMP's rounds prune: the per-round rate, how the run ends, the sparsity after each round."""
+    p = cfg.prune
+    if _budget(p):
+        kind, f = _budget(p)
+        n = IMP.rounds_for(f, p.imp_rate)
+        series = [max(f, (1.0 - p.imp_rate) ** r) for r in range(1, n)] + [f]
+        return (f"round r keeps at most {1 - p.imp_rate:g}^r of the dense {_KIND_WORDS[kind]}, never below --{kind} "
+                f"{f:g}, the last lands on it; {kind} budget after each round {', '.join(f'{x:.4g}' for x in series)}")
+    unit = {"filter": "filters of each layer", "group": "channels of each channel group"}.get(
+        p.structure or "global", "weights")
+    each = f"each prunes {p.imp_rate:g} of the remaining {unit}"
+    if p.rounds is not None:
+        series = IMP.schedule(rounds=p.rounds, rate=p.imp_rate)
+        how = f"fixed series --imp-rate {p.imp_rate:g} --rounds {p.rounds}: {each}"
+    else:
+        series = IMP.schedule(p.sparsity, p.imp_rate)
+        last = 1.0 - (1.0 - series[-1]) / (1.0 - series[-2]) if len(series) > 1 else series[-1]
+        near = {"filter": " (as near as whole filters allow)", "group": " (as near as whole channels allow)"}.get(
+            p.structure or "global", "")
+        how = f"{each}, the last {last:.4g} to land on --sparsity {p.sparsity:g}{near}"
+    return f"{how}; sparsity after each round {', '.join(f'{x:.4g}' for x in series)}"
+
+
+_KIND_WORDS = {"macs": "MACs (on the data's input size)", "params": "parameters"}
+_KIND_UNIT = {"macs": "MAC", "params": "parameter"}
+
+
+def _budget(p) -> Optional[Tuple[str, float]]:
+    """(kind, fraction) of --macs / --params, None without a budget."""
+    return ("macs", p.macs) if p.macs is not None else ("params", p.params) if p.params is not None else None
 
 
 def _count(n: int, word: str) -> str:

@@ -31,7 +31,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 REWIND = "rewind.pt"  # pretrain: the dense weights at the start of epoch --rewind-epoch, for IMP
 RUN_FILES = (CHECKPOINT, METRICS, "config.yaml", "model.pt", "masks.pt", "results.json", REWIND)
-EXPORT_FILES = ("model_dense_format.pt", "masks.pt", "model_compact.pt2")
+EXPORT_FILES = ("model_dense_format.pt", "masks.pt", "model_compact.pt2", "model.onnx", "model_compact.onnx")
 
 
 def check_out_dir(out, resume: bool, force: bool) -> Path:
@@ -134,7 +134,8 @@ def read_rewind_file(pretrained, rewind_epoch):
 
 def load_state_into(model: nn.Module, sd: Dict[str, torch.Tensor], what: str, src) -> nn.Module:
     if any(k.endswith(".mask") or k.endswith(".scores") for k in sd) and not masked_modules(model):
-        model = sparsify(model)
+        masked = {k.rsplit(".", 1)[0] for k in sd if k.endswith(".mask")}  # a run's --exclude left the others plain
+        model = sparsify(model, include=lambda name, _m: name in masked)
     model = mask_norms(model, [k[: -len(".channel_mask")] for k in sd if k.endswith(".channel_mask")])
     try:
         model.load_state_dict(sd)

@@ -29,6 +29,7 @@ Bi-level Optimization", appendix):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
@@ -38,7 +39,7 @@ from ..data.folder import FOLDER_DATASETS
 __all__ = [
     "METHODS", "COMMANDS", "STRUCTURES", "VARIANTS", "SCHEDULES", "SCORE_INITS", "CIFAR_DATASETS",
     "FOLDER_DATASETS", "DATASETS", "METHOD_DEFAULTS", "DENSE_EPOCHS", "dense_epochs", "DataHparams", "ModelHparams", "PruneHparams",
-    "TrainHparams", "SECTIONS", "FIELD_SECTION",
+    "TrainHparams", "SECTIONS", "FIELD_SECTION", "BUDGET_METHODS", "check_budget_flags",
 ]
 
 METHODS = ("bip", "imp", "omp", "hydra", "dense", "snip", "grasp", "synflow", "gmp")
@@ -104,7 +105,20 @@ class ModelHparams:
 class PruneHparams:
     method: str = _f("bip", "bip, imp, omp, hydra, dense, snip, grasp, synflow or gmp")
     sparsity: float = _f(0.9, "fraction of prunable weights removed, in [0, 1)")
-    structure: Optional[str] = _f(None, "global, layer, filter, channel, nm or group (default per method)")
+    macs: Optional[float] = _f(None, "--structure group (bip, omp, imp, hydra): keep at most this fraction of the dense "
+                                     "model's MACs on the data's input size instead of --sparsity, channels ranked "
+                                     "across all groups by score per MAC", metavar="FRACTION")
+    params: Optional[float] = _f(None, "--structure group (bip, omp, imp, hydra): keep at most this fraction of the "
+                                       "dense model's parameters instead of --sparsity, channels ranked across all "
+                                       "groups by score per parameter", metavar="FRACTION")
+    structure: Optional[str] = _f(None, "global, layer, filter, channel, nm or group (default per method); filter "
+                                        "and channel keep the layer producing the model's output (the "
+                                        "classifier) dense unless --include selects it")
+    include: Optional[str] = _f(None, "prune only these layers: module names or glob patterns, comma-separated "
+                                      "(e.g. 'layer*,fc'; default: every conv / linear layer)",
+                                metavar="PATTERN")
+    exclude: Optional[str] = _f(None, "leave these layers dense: module names or glob patterns, comma-separated",
+                                metavar="PATTERN")
     variant: str = _f("paper", "BiP variant: paper or official (the authors' effective update)")
     schedule: str = _f("alternating", "BiP schedule: alternating (2 passes) or fused (1 pass)")
     score_lr: Optional[float] = _f(None, "upper-level (score) learning rate (default: Hydra 0.1; BiP 0.1 x 39100 / "
@@ -113,7 +127,11 @@ class PruneHparams:
     gamma: float = _f(1.0, "BiP gamma: the implicit-gradient term is scaled by 1/gamma")
     lr2: float = _f(1e-4, "official BiP variant: implicit-gradient coefficient")
     score_init: str = _f("magnitude", "BiP score init: magnitude or hydra")
-    imp_rate: float = _f(0.2, "IMP: fraction of remaining weights pruned per round")
+    imp_rate: float = _f(0.2, "IMP: fraction of remaining weights pruned per round; the last round prunes less "
+                              "so that the run lands exactly on --sparsity")
+    rounds: Optional[int] = _f(None, "IMP: run the fixed series instead, this many rounds of --imp-rate each "
+                                     "(the paper's; ends at sparsity 1 - (1 - imp_rate)^rounds, which becomes "
+                                     "--sparsity)")
     rewind_epoch: Optional[int] = _f(None, "IMP: epoch of the dense run whose starting weights every round rewinds "
                                            "to (default 3). pretrain keeps them in rewind.pt; prune --method imp "
                                            "--pretrained RUN rewinds to RUN's rewind.pt (this flag, if given, "
@@ -149,8 +167,31 @@ class TrainHparams:
     sync_bn: bool = _f(False, "DDP on GPUs: SyncBatchNorm (batch statistics over the global batch)")
     log_interval: int = _f(50, "steps between device->host metric syncs (progress bar)")
     progress: bool = _f(True, "tqdm progress bars (shown on a terminal only)")
+    tensorboard: bool = _f(False, "also write every value of metrics.jsonl as TensorBoard events into "
+                                  "OUT/tensorboard/ (needs the tensorboard package; a resume keeps logging)")
     nonfinite_skips: int = _f(0, "steps with a NaN/inf loss or gradient to skip (no update) before the run stops "
                                  "(per session: --resume takes the value given with it)")
+
+
+BUDGET_METHODS = ("bip", "omp", "imp", "hydra")
+
+
+def check_budget_flags(command: str, p: PruneHparams) -> None:
+    """``--macs`` / ``--params``: one of them, a fraction in (0, 1], for prune --structure group with
+    a method that projects scores (bip, omp, imp, hydra); IMP then lands on it (no --rounds)."""
+    given = [(k, v) for k, v in (("macs", p.macs), ("params", p.params)) if v is not None]
+    if not given:
+        return
+    if len(given) > 1:
+        raise ValueError(f"macs: give one budget, --macs or --params, got --macs {p.macs} --params {p.params}")
+    name, v = given[0]
+    if not (math.isfinite(v) and 0.0 < v <= 1.0):
+        raise ValueError(f"{name}: expected the kept fraction of the dense model's {name}, in (0, 1], got {v!r}")
+    if command != "prune" or p.method not in BUDGET_METHODS or p.structure != "group":
+        raise ValueError(f"{name}: a budget chooses whole channels: prune --method {'/'.join(BUDGET_METHODS)} "
+                         f"--structure group, got {command} --method {p.method} --structure {p.structure}")
+    if p.rounds is not None:
+        raise ValueError(f"rounds: --{name} lands IMP on the budget (rounds_for({v:g}, --imp-rate)); drop --rounds")
 
 
 SECTIONS = (("data", DataHparams), ("model", ModelHparams), ("prune", PruneHparams), ("train", TrainHparams))

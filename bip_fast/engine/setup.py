@@ -29,10 +29,10 @@ from torch import nn
 from ..data import BilevelLoader, Dataset, Loader, eval_loader, load_dataset, load_folder_dataset
 from ..data.folder import SPECS
 from ..masks import attach_groups
-from ..nn import sparsify
+from ..nn import layer_selection, sparsify
 from ..pruning import get_algorithm
 from . import baselines
-from .hparams import FOLDER_DATASETS, METHOD_DEFAULTS, RunConfig
+from .hparams import FOLDER_DATASETS, METHOD_DEFAULTS, RunConfig, layer_patterns
 from .plan import resolved_score_lr
 
 __all__ = ["resolve_device", "dist_info", "init_distributed_from_env", "Loaders", "make_loaders",
@@ -126,14 +126,22 @@ def build_algorithm(seg, cfg: RunConfig, model: nn.Module, steps_per_epoch: int,
                     place: Callable[[nn.Module], nn.Module]):
     """A new algorithm of ``seg.kind`` (a :class:`~bip_fast.engine.plan.Segment`) around ``model``,
     sparsified first when the segment masks (``place`` puts the new score/mask tensors on the
-    run's device and memory format)."""
+    run's device and memory format). ``--include`` / ``--exclude`` choose the layers sparsified,
+    and go to the algorithm too (which keeps a layer producing the model's output dense under the
+    filter and channel structures unless ``--include`` selects it); a pattern that matches no layer
+    is refused when the run's first segment is built, before the run folder is touched."""
     p, t = cfg.prune, cfg.train
     total = seg.epochs * steps_per_epoch
+    sel = dict(include=layer_patterns(p.include), exclude=layer_patterns(p.exclude))
+    if cfg.command == "prune" and seg.kind == "dense":
+        layer_selection(model, **sel)  # validates the patterns on the dense phase's model
     if seg.kind != "dense":
-        model = place(sparsify(model))
+        model = place(sparsify(model, **sel))
         if p.structure == "group":  # the coupled channels, traced on one batch of the data's shape
             attach_groups(model, example_input(cfg.data.dataset).to(next(model.parameters()).device))
     common = dict(momentum=t.momentum, total_steps=total)
+    # --macs / --params (structure group) replace --sparsity
+    goal = dict(sparsity=p.sparsity) if p.macs is None and p.params is None else dict(macs=p.macs, params=p.params)
     if seg.kind == "dense":
         if cfg.command == "prune":  # dense phase before pruning: the dense schedule
             kw = dict(lr=METHOD_DEFAULTS["dense"]["lr"], weight_decay=METHOD_DEFAULTS["dense"]["weight_decay"])
@@ -142,26 +150,29 @@ def build_algorithm(seg, cfg: RunConfig, model: nn.Module, steps_per_epoch: int,
         return get_algorithm("dense")(model, **kw, **common)
     if seg.kind == "bip":
         return get_algorithm("bip")(
-            model, p.sparsity, structure=p.structure, schedule=p.schedule, variant=p.variant,
+            model, **goal, structure=p.structure, schedule=p.schedule, variant=p.variant,
             lr=t.lr, score_lr=resolved_score_lr(cfg, total), weight_decay=t.weight_decay,
             score_weight_decay=p.score_weight_decay, gamma=p.gamma, lr2=p.lr2, score_init=p.score_init,
-            n=p.nm_n, m=p.nm_m, **common)
+            n=p.nm_n, m=p.nm_m, **common, **sel)
     if seg.kind == "omp":
-        return get_algorithm("omp")(model, p.sparsity, structure=p.structure, lr=t.lr,
-                                    weight_decay=t.weight_decay, n=p.nm_n, m=p.nm_m, **common)
+        return get_algorithm("omp")(model, **goal, structure=p.structure, lr=t.lr,
+                                    weight_decay=t.weight_decay, n=p.nm_n, m=p.nm_m, **common, **sel)
     if seg.kind == "imp":
         rewind = 0 if cfg.model.pretrained else p.rewind_epoch * steps_per_epoch
-        return get_algorithm("imp")(model, rate=p.imp_rate, rewind_step=rewind, structure=p.structure or "global",
-                                    lr=t.lr, weight_decay=t.weight_decay, **common)
+        # the default lands on --sparsity (the last round prunes less); --rounds: the fixed series
+        target = goal if p.rounds is None else {}
+        return get_algorithm("imp")(model, rate=p.imp_rate, **target, rewind_step=rewind,
+                                    structure=p.structure or "global", lr=t.lr, weight_decay=t.weight_decay,
+                                    **common, **sel)
     if seg.kind == "hydra":
         score_total = max(p.hydra_score_epochs, 1) * steps_per_epoch
         return get_algorithm("hydra")(
-            model, p.sparsity, structure=p.structure, score_lr=p.score_lr,
+            model, **goal, structure=p.structure, score_lr=p.score_lr,
             score_weight_decay=p.score_weight_decay, lr=t.lr, weight_decay=t.weight_decay,
             momentum=t.momentum, total_steps=score_total, finetune_steps=t.epochs * steps_per_epoch,
-            n=p.nm_n, m=p.nm_m)
+            n=p.nm_n, m=p.nm_m, **sel)
     if seg.kind in baselines.BASELINES:
-        return baselines.build(seg.kind, model, cfg, steps_per_epoch, common)
+        return baselines.build(seg.kind, model, cfg, steps_per_epoch, dict(common, **sel))
     raise ValueError(f"segment kind {seg.kind!r} unknown")
 
 

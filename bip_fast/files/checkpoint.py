@@ -59,10 +59,12 @@ def _fsync_dir(directory: Path) -> None:
 
 @contextlib.contextmanager
 def defer_sigint():
-    """Hold back SIGINT inside the block (main thread only); a Ctrl-C received meanwhile is raised
-    as KeyboardInterrupt when the block ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    """Hold back SIGINT inside the block (main thread only); a Ctrl-C received meanwhile is sent
+    again when the block ends, to the handler in place then: KeyboardInterrupt under Python's
+    default handler, nothing where SIGINT is ignored (a held-back signal used to be raised as
+    KeyboardInterrupt even there, so an ignored Ctrl-C got through only when it hit a write)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # None: a handler installed outside Python, which could not be put back
         return
     got = []
     try:
@@ -75,7 +77,7 @@ def defer_sigint():
     finally:
         signal.signal(signal.SIGINT, previous)
     if got:
-        raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)
 
 
 def save_atomic(obj, path) -> None:

@@ -14,6 +14,8 @@ import torch
 from .. import ops
 from ..files.checkpoint import load, save_atomic
 from ..nn import masked_modules
+from ..nn.convert import mask_norms
+from ..nn.norm import MASKED_NORM_OF, MASKED_NORM_TYPES
 from ..ops import keep_count
 from .groups import ChannelGroups, attach_groups, find_groups
 
@@ -139,21 +141,78 @@ def density_of(masks: Sequence[torch.Tensor]) -> float:
     return float(sum(int(mk.sum()) for mk in masks)) / max(total, 1)
 
 
+MASKS_FORMAT = "bip_fast.masks/2"
+_WEIGHT_ONLY_FORMAT = "bip_fast.masks/1"  # older files: the weight masks alone
+
+
 def save_masks(model: torch.nn.Module, path) -> None:
-    """Save {module name: bool mask} of a masked model (atomic write)."""
-    save_atomic({"format": "bip_fast.masks/1", "masks": {n: mod.mask.cpu() for n, mod in masked_modules(model)}}, path)
+    """Save every mask of a masked model (atomic, checksummed write): ``masks`` {masked layer:
+    bool weight mask}, ``bias_masks`` {layer: bool vector of its bias} and ``channel_masks``
+    {channel-masked BatchNorm layer: bool vector}; the last two are what ``structure="group"``
+    sets on a removed channel's biases and BatchNorm scale and shift."""
+    save_atomic({"format": MASKS_FORMAT,
+                 "masks": {n: mod.mask.cpu() for n, mod in masked_modules(model)},
+                 "bias_masks": {n: mod.bias_mask.cpu() for n, mod in masked_modules(model)
+                                if "bias_mask" in mod._buffers},
+                 "channel_masks": {n: mod.channel_mask.cpu() for n, mod in model.named_modules()
+                                   if isinstance(mod, MASKED_NORM_TYPES)}}, path)
 
 
-def load_masks(model: torch.nn.Module, path) -> None:
-    """Load masks saved by :func:`save_masks` into a masked model, validating names and shapes."""
+def load_masks(model: torch.nn.Module, path) -> torch.nn.Module:
+    """Put the masks of a :func:`save_masks` file onto ``model`` and return it: weight masks into
+    its masked layers, bias masks into their biases, channel masks into its BatchNorm layers (a
+    plain BatchNorm named in the file becomes channel-masked in place, as attach_groups makes it).
+
+    ``model``: the architecture sparsified as the run was (``bip_fast.sparsify(model)``, with the
+    run's include / exclude), holding the weights to mask; load the weights first, as loading a
+    plain state dict resets a masked layer's mask. Everything is checked before anything changes: the file's layers must be the model's
+    (each weight mask named, of the weight's shape; no bias or channel mask of the model left out),
+    else ValueError naming the mismatch. A file of the older weight-only format restores weight
+    masks only."""
     obj = load(path)
-    if not isinstance(obj, dict) or obj.get("format") != "bip_fast.masks/1":
+    fmt = obj.get("format") if isinstance(obj, dict) else None
+    if fmt not in (MASKS_FORMAT, _WEIGHT_ONLY_FORMAT):
         raise ValueError(f"path: {path} is not a bip_fast mask file")
-    saved = obj["masks"]
     mods = dict(masked_modules(model))
-    missing = sorted(set(mods) - set(saved))
-    extra = sorted(set(saved) - set(mods))
+    weights = _matched(path, "weight masks", obj.get("masks"), {n: m.mask.shape for n, m in mods.items()})
+    if fmt == _WEIGHT_ONLY_FORMAT:
+        biases, channels = {}, {}
+    else:
+        have_bias = {n: m.bias.shape for n, m in mods.items() if getattr(m, "bias", None) is not None}
+        biases = _matched(path, "bias masks", obj.get("bias_masks"), have_bias,
+                          required={n for n, m in mods.items() if "bias_mask" in m._buffers})
+        norms = {n: torch.Size([m.num_features]) for n, m in model.named_modules()
+                 if isinstance(m, MASKED_NORM_TYPES) or type(m) in MASKED_NORM_OF}
+        channels = _matched(path, "channel masks", obj.get("channel_masks"), norms,
+                            required={n for n, m in model.named_modules() if isinstance(m, MASKED_NORM_TYPES)})
+    for name, mk in weights.items():
+        mods[name].set_mask(mk)
+    for name, mk in biases.items():
+        mods[name].set_bias_mask(mk)
+    model = mask_norms(model, list(channels))
+    for name, mk in channels.items():
+        model.get_submodule(name).set_channel_mask(mk)
+    return model
+
+
+def _matched(path, what: str, saved, shapes: dict, required=None) -> dict:
+    """``saved`` {layer: bool tensor}, checked against the model's ``shapes`` {layer: shape}: each
+    saved layer one of them, of its shape; ``required`` (default: all of them) present."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"path: {path} is not a bip_fast mask file ({what}: not a dict)")
+    required = set(shapes) if required is None else required
+    missing, extra = sorted(required - set(saved)), sorted(set(saved) - set(shapes))
     if missing or extra:
-        raise ValueError(f"path: mask file does not match the model (missing {missing}, unexpected {extra})")
-    for name, mod in mods.items():
-        mod.set_mask(saved[name].to(mod.mask.device))
+        raise ValueError(f"path: the {what} of {path} do not match the model: missing {_few(missing)}, "
+                         f"unexpected {_few(extra)}; sparsify the architecture as the run did: "
+                         f"bip_fast.sparsify(model, include=..., exclude=...) with the run's --include/--exclude")
+    for name, mk in saved.items():
+        if not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool or mk.shape != shapes[name]:
+            raise ValueError(f"path: {what}[{name!r}] of {path}: expected a bool tensor of shape "
+                             f"{tuple(shapes[name])}, got {getattr(mk, 'dtype', type(mk).__name__)} "
+                             f"{tuple(getattr(mk, 'shape', ()))}")
+    return saved
+
+
+def _few(names: List[str]) -> str:
+    return str(names[:4])[:-1] + f", ... {len(names) - 4} more]" if len(names) > 4 else str(names)

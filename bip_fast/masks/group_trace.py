@@ -98,6 +98,19 @@ def call_model(model: nn.Module, example_inputs):
     return model(example_inputs)
 
 
+def hooked_pass(model: nn.Module, example_inputs, hooks) -> None:
+    """One eval-mode forward of ``example_inputs`` with ``hooks`` (handles of registered hooks),
+    which are removed afterwards, and the model's training mode restored, whatever happens."""
+    was = model.training
+    model.eval()
+    try:
+        call_model(model, example_inputs)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+
+
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy with plain layers (masks baked in) and every parameter requiring grad: the
     dependency graph is traced through autograd."""

@@ -23,6 +23,11 @@ removed channel is masked in every member: filters, input slices, biases and Bat
 shift, so it outputs exactly 0 and :func:`bip_fast.compact` can cut it out without changing the
 function.
 
+With a budget (``macs=`` / ``params=`` of the algorithms, ``budget=`` here) the groups do not keep
+the same fraction each: all their channels compete in one ranking of score mass per MAC (or
+parameter) until the model fits the budget; see :mod:`bip_fast.masks.budget`, whose layer costs
+:func:`attach_groups` measures on its example input.
+
 The tracing and merging of the groups, and which groups are kept whole, are in
 :mod:`bip_fast.masks.group_trace`. A group with a conv / linear layer that is not masked
 (include / exclude) is kept whole too, with a warning.
@@ -40,6 +45,7 @@ from .. import ops
 from ..nn.convert import mask_norms
 from ..nn.norm import MASKED_NORM_TYPES
 from ..ops import keep_count
+from .budget import COSTS_ATTR, Budget, costs_of, measure_costs, record, select
 from .group_trace import ChannelGroup, ChannelGroups, Member, call_model, discover_groups, plain_copy
 
 GROUPS_ATTR = "_bip_fast_channel_groups"
@@ -60,10 +66,17 @@ def find_groups(model: nn.Module, example_inputs) -> ChannelGroups:
 def attach_groups(model: nn.Module, example_inputs) -> ChannelGroups:
     """:func:`find_groups`, cached on ``model`` for ``structure="group"``; the BatchNorm layers of
     prunable groups become channel-masked in place (same parameters, buffers and state-dict keys
-    plus ``channel_mask``). Call it once, before constructing the algorithm; returns the groups."""
-    groups = find_groups(model, example_inputs)
+    plus ``channel_mask``). Call it once, before constructing the algorithm; returns the groups.
+    It also measures the layers' MACs and parameters on ``example_inputs`` for a ``macs=`` /
+    ``params=`` budget (:mod:`bip_fast.masks.budget`): give it the input size the model will run at."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    plain = plain_copy(model)
+    costs = measure_costs(plain, example_inputs)
+    groups = discover_groups(plain, example_inputs)
     mask_norms(model, [m.name for g in groups if g.prunable for m in g.members if m.kind == "norm"])
     object.__setattr__(model, GROUPS_ATTR, groups)
+    object.__setattr__(model, COSTS_ATTR, costs)
     return groups
 
 
@@ -90,6 +103,20 @@ def _slice_sums(s: torch.Tensor, dim: int, filter_norm: str = "l2") -> torch.Ten
     return rows.pow(2).sum(dim=1) if filter_norm == "l2" else rows.abs().sum(dim=1)
 
 
+def _channel_sums(groups_on_device: list, channels: int, names: Dict[str, int], scores: Sequence[torch.Tensor],
+                  filter_norm: str = "l2"):
+    """Per channel of one group: (Σ s² (``"l1"``: Σ |s|) over its members' entries, their number)."""
+    dev = scores[0].device
+    sq = torch.zeros(channels, dtype=torch.float32, device=dev)
+    count = torch.zeros(channels, dtype=torch.float32, device=dev)
+    for m, idx, ch in groups_on_device:
+        if m.kind in ("out", "in"):
+            s = scores[names[m.name]]
+            sq.index_add_(0, ch, _slice_sums(s, m.dim, filter_norm)[idx])
+            count.index_add_(0, ch, torch.full(ch.shape, float(s.numel() // s.shape[m.dim]), device=dev))
+    return sq, count
+
+
 def channel_scores(groups_on_device: list, channels: int, names: Dict[str, int],
                    scores: Sequence[torch.Tensor], filter_norm: str = "l2") -> torch.Tensor:
     """The score of each channel of one group: the root-mean-square of its members' score entries,
@@ -107,14 +134,7 @@ def channel_scores(groups_on_device: list, channels: int, names: Dict[str, int],
     Where every channel of a group has the same members (no padding) the mean is the L2 norm
     divided by one constant and keeps the same channels. Exact K is unchanged: the top-K runs on
     these per-channel values."""
-    dev = scores[0].device
-    sq = torch.zeros(channels, dtype=torch.float32, device=dev)
-    count = torch.zeros(channels, dtype=torch.float32, device=dev)
-    for m, idx, ch in groups_on_device:
-        if m.kind in ("out", "in"):
-            s = scores[names[m.name]]
-            sq.index_add_(0, ch, _slice_sums(s, m.dim, filter_norm)[idx])
-            count.index_add_(0, ch, torch.full(ch.shape, float(s.numel() // s.shape[m.dim]), device=dev))
+    sq, count = _channel_sums(groups_on_device, channels, names, scores, filter_norm)
     mean = sq / count.clamp_min(1)
     return mean.sqrt() if filter_norm == "l2" else mean
 
@@ -169,7 +189,7 @@ def _every_producer_keeps_one(keep: torch.Tensor, value: torch.Tensor, mems: lis
 
 def project_groups(model: nn.Module, names: Sequence[str], scores: Sequence[torch.Tensor], density: float,
                    backend: Optional[str] = None, filter_norm: str = "l2",
-                   within: Optional[Sequence[torch.Tensor]] = None):
+                   within: Optional[Sequence[torch.Tensor]] = None, budget: Optional[Budget] = None):
     """Group-structure masks: ``(weight masks, one per name; {name: bool vector})``, the vectors
     being the bias masks of removed filters and the channel masks of BatchNorm layers. Each group
     keeps its channels of highest :func:`channel_scores` (root-mean-square over the members, or
@@ -178,11 +198,17 @@ def project_groups(model: nn.Module, names: Sequence[str], scores: Sequence[torc
     ``names`` / ``scores``: the masked modules of ``model`` and their scores, in the same order.
     ``within``: the current weight masks (same order); only the channels they still keep compete,
     each group keeps ``max(1, round(density · remaining))`` of them, and the weight masks keep
-    nothing outside ``within`` (iterative pruning: a removed channel stays removed)."""
+    nothing outside ``within`` (iterative pruning: a removed channel stays removed).
+    ``budget`` (:class:`~bip_fast.masks.budget.Budget`; ``density`` is then unused): the channels
+    of all groups compete in one ranking of score mass per MAC (or parameter) until the model fits
+    the budget (:func:`bip_fast.masks.budget.select`); the budget and where it landed are noted on
+    the model for :func:`bip_fast.sparsity_report`."""
     if filter_norm not in ("l2", "l1"):
         raise ValueError(f"filter_norm: expected one of ('l2', 'l1'), got {filter_norm!r}")
     if within is not None and (len(within) != len(scores) or any(w.shape != s.shape for w, s in zip(within, scores))):
         raise ValueError(f"within: expected one mask per scores tensor, of its shape, got {len(within)} masks")
+    if budget is not None and not isinstance(budget, Budget):
+        raise TypeError(f"budget: expected a bip_fast.masks.budget.Budget, got {type(budget).__name__}")
     groups = groups_of(model)
     pos = {n: i for i, n in enumerate(names)}
     masks = [torch.ones(s.shape, dtype=torch.bool, device=s.device) for s in scores]
@@ -190,24 +216,31 @@ def project_groups(model: nn.Module, names: Sequence[str], scores: Sequence[torc
     if not scores:
         return masks, vectors
     dev = scores[0].device
-    skipped, short = [], []
-    for g, mems in zip(groups.groups, _on_device(groups, dev)):
+    skipped, short, active = [], [], []
+    for gi, (g, mems) in enumerate(zip(groups.groups, _on_device(groups, dev))):
         if not g.prunable:
             continue
         unmasked = [m.name for m, _, _ in mems if m.kind in ("out", "in") and m.name not in pos]
         if unmasked:
             skipped.append(unmasked[0])
             continue
-        value = channel_scores(mems, g.channels, pos, scores, filter_norm)
-        if within is None:
-            keep = ops.topk_masks([value], max(1, keep_count(g.channels, density)), backend=backend)[0]
-        else:
-            alive = _alive_channels(mems, g.channels, pos, within)
-            keep = torch.zeros_like(alive)
-            if bool(alive.any()):
-                keep[alive] = ops.topk_masks([value[alive]], max(1, keep_count(int(alive.sum()), density)),
-                                             backend=backend)[0]
-        keep = _every_producer_keeps_one(keep, value, mems, None if within is None else alive, g, short)
+        active.append((gi, g, mems))
+    if budget is not None:
+        keeps = _budget_keeps(model, groups, active, pos, scores, filter_norm, within, budget)
+    else:
+        keeps = []
+        for _, g, mems in active:
+            value = channel_scores(mems, g.channels, pos, scores, filter_norm)
+            if within is None:
+                keep = ops.topk_masks([value], max(1, keep_count(g.channels, density)), backend=backend)[0]
+            else:
+                alive = _alive_channels(mems, g.channels, pos, within)
+                keep = torch.zeros_like(alive)
+                if bool(alive.any()):
+                    keep[alive] = ops.topk_masks([value[alive]], max(1, keep_count(int(alive.sum()), density)),
+                                                 backend=backend)[0]
+            keeps.append(_every_producer_keeps_one(keep, value, mems, None if within is None else alive, g, short))
+    for (_, g, mems), keep in zip(active, keeps):
         for m, idx, ch in mems:
             if m.kind == "pad":
                 continue
@@ -237,6 +270,23 @@ def project_groups(model: nn.Module, names: Sequence[str], scores: Sequence[torc
         warnings.warn(f"structure='group': {len(skipped)} channel group(s) hold a conv / linear layer that is not "
                       f"masked (e.g. {skipped[0]!r}) and are kept whole", UserWarning, stacklevel=3)
     return masks, vectors
+
+
+def _budget_keeps(model: nn.Module, groups: ChannelGroups, active: list, pos: Dict[str, int],
+                  scores: Sequence[torch.Tensor], filter_norm: str, within, budget: Budget) -> list:
+    """The kept channels of each ``active`` group under ``budget``: their score mass (Σ s², or Σ |s|
+    with ``"l1"``) over all members, ranked across groups per unit of cost by
+    :func:`bip_fast.masks.budget.select`."""
+    costs = costs_of(model)
+    if not active:
+        return []
+    value = torch.cat([_channel_sums(mems, g.channels, pos, scores, filter_norm)[0] for _, g, mems in active])
+    alive = None if within is None else torch.cat([_alive_channels(mems, g.channels, pos, within)
+                                                   for _, g, mems in active])
+    ids = [gi for gi, _, _ in active]
+    keep, cost = select(groups, costs, ids, value, alive, budget)
+    record(model, groups, costs, ids, keep, budget, cost)
+    return list(keep.split([g.channels for _, g, _ in active]))
 
 
 def apply_group_vectors(model: nn.Module, vectors: Dict[str, torch.Tensor]) -> None:

@@ -2,6 +2,7 @@
 
 from .convert import (
     finalize,
+    layer_selection,
     masked_modules,
     other_parameters,
     prunable_parameters,
@@ -21,6 +22,7 @@ from .modules import (
     MaskedLinear,
     MaskedMultiheadAttention,
 )
+from .outputs import output_layers
 from .norm import MASKED_NORM_TYPES, MaskedBatchNorm1d, MaskedBatchNorm2d, MaskedBatchNorm3d, MaskedSyncBatchNorm, to_sync_norms
 
 __all__ = [
@@ -44,6 +46,8 @@ __all__ = [
     "finalize",
     "sparsity_report",
     "masked_modules",
+    "layer_selection",
+    "output_layers",
     "prunable_parameters",
     "score_parameters",
     "other_parameters",

@@ -176,8 +176,11 @@ def _skipped(model: nn.Module) -> List[Dict[str, object]]:
         numel = sum(p.numel() for p in m.parameters(recurse=isinstance(m, nn.MultiheadAttention))
                     if not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 2)
         owner = _bypassed(model, name) if type(m) in MASKED_OF or type(m) is nn.MultiheadAttention else None
+        tied = _tied(model, name) if type(m) in MASKED_OF else None
         if owner:
             reason = f"weight read directly by {owner} (outside the masked forward)"
+        elif tied:
+            reason = f"weight tied to {tied} (a mask would act on one of its uses only)"
         elif _maskable(m):
             reason = "not masked (include/exclude, or not sparsified)"
         elif type(m) is nn.MultiheadAttention and not _mha_supported(m):
@@ -201,16 +204,9 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    cands = [(n, m) for n, m in model.named_modules() if _maskable(m)]
-    bypassed = {n for n, _ in cands if _bypassed(model, n)}
-    cands = [(n, m) for n, m in cands if n not in bypassed]
-    names = [n for n, _ in cands]
-    inc = _selector(include, "include", names)
-    exc = _selector(exclude, "exclude", names)
-    for name, m in cands:
-        if inc is not None and not inc(name, m):
-            continue
-        if exc is not None and exc(name, m):
+    chosen = set(layer_selection(model, include, exclude))
+    for name, m in _candidates(model):
+        if name not in chosen or isinstance(m, MASKED_TYPES):
             continue
         new = _mha_to_masked(m) if isinstance(m, nn.MultiheadAttention) else _to_masked(m)
         if name == "":
@@ -226,6 +222,46 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
         warnings.warn("sparsify: the model has no conv / linear layer to mask; it is returned "
                       "unchanged", UserWarning, stacklevel=2)
     return model
+
+
+def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of the layers include / exclude choose from: the maskable layers whose
+    weight goes through their own forward, and the masked layers (not those inside another one,
+    an attention layer's out_proj), in registration order."""
+    out: List[Tuple[str, nn.Module]] = []
+    for n, m in model.named_modules():
+        if isinstance(m, MASKED_TYPES):
+            if not any(p == "" or n.startswith(p + ".") for p, q in out if isinstance(q, MASKED_TYPES)):
+                out.append((n, m))
+        elif _maskable(m) and not _bypassed(model, n) and not _tied(model, n):
+            out.append((n, m))
+    return out
+
+
+def _tied(model: nn.Module, name: str) -> Optional[str]:
+    """Another module holding the very weight Parameter of layer ``name`` (tied weights, e.g. a
+    language model's decoder and its word embeddings), or None. A mask would act on one use of the
+    weight only, and :func:`finalize` would untie them."""
+    w = getattr(model.get_submodule(name), "weight", None) if name else getattr(model, "weight", None)
+    if not isinstance(w, nn.Parameter):
+        return None
+    for other, mod in model.named_modules(remove_duplicate=False):
+        if other == name or (name and other.startswith(name + ".")):
+            continue
+        if any(p is w for p in mod.parameters(recurse=False)):
+            return other
+    return None
+
+
+def layer_selection(model: nn.Module, include: Selector = None, exclude: Selector = None) -> List[str]:
+    """Names of the layers that ``include`` / ``exclude`` (as in :func:`sparsify`) select among the
+    model's maskable and already masked layers, in registration order; a pattern that matches no
+    such layer raises ValueError. On a plain model these are the layers :func:`sparsify` masks."""
+    cands = _candidates(model)
+    names = [n for n, _ in cands]
+    inc = _selector(include, "include", names)
+    exc = _selector(exclude, "exclude", names)
+    return [n for n, m in cands if (inc is None or inc(n, m)) and not (exc is not None and exc(n, m))]
 
 
 def finalize(model: nn.Module) -> nn.Module:
@@ -289,10 +325,17 @@ def other_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in skip]
 
 
+# Set by a MACs / parameter budget's projection (bip_fast.masks.budget.record): {"kind", "target",
+# "macs", "params"}, the last two the kept fractions of the dense model (0-dim tensors).
+BUDGET_ATTR = "_bip_fast_budget"
+
+
 def sparsity_report(model: nn.Module) -> Dict[str, object]:
     """Per-layer and total density of the masked modules' current masks, and under ``skipped``
     the weight-bearing layers that are not masked (name, type, numel, reason); their weights are
-    not counted in ``numel``."""
+    not counted in ``numel``. Where the masks come from a ``macs=`` / ``params=`` budget
+    (``structure="group"``), ``budget`` gives it: ``{"kind", "target", "macs", "params"}``, the
+    last two the fractions of the dense model's MACs and parameters that the last projection kept."""
     layers, total, kept = [], 0, 0
     for name, m in masked_modules(model):
         n = m.mask.numel()
@@ -301,5 +344,9 @@ def sparsity_report(model: nn.Module) -> Dict[str, object]:
         total += n
         kept += k
     density = kept / total if total else 1.0
-    return {"layers": layers, "numel": total, "kept": kept, "density": density, "sparsity": 1.0 - density,
-            "skipped": _skipped(model)}
+    out = {"layers": layers, "numel": total, "kept": kept, "density": density, "sparsity": 1.0 - density,
+           "skipped": _skipped(model)}
+    budget = getattr(model, BUDGET_ATTR, None)
+    if budget is not None:
+        out["budget"] = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in budget.items()}
+    return out

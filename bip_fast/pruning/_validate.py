@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..masks import FILTER_NORMS, STRUCTURES
+from ..masks.budget import Budget, check_budget
 from ._tree import tensor_leaves
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -30,6 +31,20 @@ def _check_number(value, name: str, *, low: float = 0.0, low_inclusive: bool = T
 def check_sparsity(sparsity) -> float:
     """``sparsity`` must be a float in [0, 1) (the fraction of prunable weights removed)."""
     return _check_number(sparsity, "sparsity", low=0.0, high=1.0, high_inclusive=False)
+
+
+def check_target(sparsity, macs, params, structure: Optional[str],
+                 required: bool = True) -> Tuple[Optional[float], Optional[Budget]]:
+    """``(sparsity, budget)``: exactly one of ``sparsity`` (a float in [0, 1)), ``macs`` and
+    ``params`` (the kept fraction of the dense model's MACs / parameters, in (0, 1], with
+    ``structure="group"`` only); ``required=False``: at most one (IMP's fixed series has none)."""
+    given = [k for k, v in (("sparsity", sparsity), ("macs", macs), ("params", params)) if v is not None]
+    if len(given) > 1 or (required and not given):
+        raise ValueError(f"sparsity, macs, params: give {'exactly' if required else 'at most'} one target (the "
+                         f"fraction of weights removed, or the kept fraction of the dense model's MACs or parameters), "
+                         f"got {', '.join(given) if given else 'none'}")
+    budget = check_budget(macs, params, structure)
+    return (None if sparsity is None else check_sparsity(sparsity)), budget
 
 
 def _check_choice(value, name: str, choices: Sequence[str]) -> str:

@@ -31,13 +31,15 @@ change of state. Until then every later update is skipped too. ``nonfinite.limit
 be skipped instead of stopping; the schedule counts skipped steps. In two-pass schedules
 (alternating BiP) an earlier pass's update of the same iteration stays applied; it was computed
 from finite values.
+
+Which masked layers a structure keeps dense, and the projection of scores into masks:
+:mod:`._projection`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-import re
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -45,16 +47,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..masks import apply_masks, keep_count, project
-from ..masks.groups import apply_group_vectors, project_groups
+from ..masks import apply_masks
 from ..nn import masked_modules, sparsify
 from ._guard import NonFiniteError, NonFiniteGuard
+# _project_into stays importable from here (the algorithms import it from base)
+from ._projection import ROW_STRUCTURES, _dense_outputs, _project_into, _selects_the_masked  # noqa: F401
 from ._validate import (Batch, _check_any_batch, _check_batch, _check_loss_args, _check_loss_value, _check_number,
                         _check_total_steps, check_sparsity)
 
-__all__ = ["Algorithm", "SGDGroup", "cosine_factor", "check_sparsity", "NonFiniteError"]
-
-
+__all__ = ["Algorithm", "SGDGroup", "cosine_factor", "check_sparsity", "NonFiniteError", "ROW_STRUCTURES"]
 
 def cosine_factor(step: int, total_steps: Optional[int]) -> float:
     """Multiplier of the base learning rate at ``step``: 0.5·(1 + cos(π·step/total)), 1 without a total.
@@ -156,6 +157,15 @@ class Algorithm:
     replace ``model`` by a proxy that routes calls through DDP / torch.compile and everything
     else to the plain model. ``loss_fn`` and ``compute_loss``: see the module docstring (one of
     them at most).
+
+    ``structure`` (the subclass's mask structure): under the filter and channel structures
+    (``ROW_STRUCTURES``) the layers that produce the model's output (:func:`bip_fast.nn.output_layers`,
+    e.g. the classifier) stay dense, as in the authors' structured runs (SPEC §2), unless
+    ``include`` selects them; one UserWarning names them. Their mask stays all-True (they keep
+    their scores and masks, so checkpoints and state-dict keys do not change) and they are listed
+    in :attr:`dense_outputs`. N:M keeps N of every M weights of each row, so it never removes an
+    output and prunes them like every other layer; ``"group"`` keeps their output channels by its
+    own trace (:mod:`bip_fast.masks.group_trace`).
     """
 
     name = "base"
@@ -164,7 +174,7 @@ class Algorithm:
     def __init__(self, model: nn.Module, *, total_steps: Optional[int] = None,
                  loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
                  compute_loss: Optional[Callable[[nn.Module, object], torch.Tensor]] = None,
-                 include=None, exclude=None) -> None:
+                 include=None, exclude=None, structure: Optional[str] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         _check_loss_args(loss_fn, compute_loss)
@@ -173,17 +183,21 @@ class Algorithm:
         self.compute_loss = compute_loss
         if self.uses_masks and not masked_modules(model):
             model = sparsify(model, include=include, exclude=exclude)
-        elif self.uses_masks and (include is not None or exclude is not None):
+        elif self.uses_masks and (include is not None or exclude is not None) and \
+                not _selects_the_masked(model, include, exclude):
             warnings.warn("include/exclude: the model already holds masked layers, so it is not sparsified "
-                          "again and include/exclude are ignored; pass them to bip_fast.sparsify(model, ...) "
-                          "instead (it keeps the masked layers and masks the others it selects)",
-                          UserWarning, stacklevel=3)
+                          "again and include/exclude are ignored (but for include selecting a layer that "
+                          "produces the model's output under structure filter / channel); pass them to "
+                          "bip_fast.sparsify(model, ...) instead (it keeps the masked layers and masks the "
+                          "others it selects)", UserWarning, stacklevel=3)
         self.model = model
         named = masked_modules(model)
         self.module_names: List[str] = [n for n, _ in named]
         self.modules: List[nn.Module] = [m for _, m in named]
         if self.uses_masks and not self.modules:
             raise ValueError("model: has no nn.Conv2d / nn.Linear layer to prune (after include/exclude)")
+        self.dense_outputs: List[int] = _dense_outputs(self.model, self.module_names, structure, include) \
+            if self.uses_masks else []
         self.param_groups: Dict[str, SGDGroup] = {}
         self.step_count = 0  # steps taken in the current round / phase (drives the schedule)
         self.global_step = 0  # steps taken in total
@@ -386,30 +400,3 @@ class Algorithm:
         groups = ", ".join(repr(g) for g in self.param_groups.values())
         return f"{type(self).__name__}(step={self.step_count}, groups=[{groups}])"
 
-
-def _project_into(alg: Algorithm, scores: Sequence[torch.Tensor], density: float, structure: str,
-                  n: int, m: int, hist1: Optional[torch.Tensor] = None, filter_norm: str = "l2",
-                  within: Optional[Sequence[torch.Tensor]] = None) -> None:
-    """Project ``scores`` (one per masked module) and copy the masks into the modules.
-
-    ``hist1``: the first-digit histogram of exactly these scores, produced by the SGD launch
-    that just updated them; global projection then skips its first pass. ``filter_norm`` and
-    ``within`` (filter / channel / group structures): see :func:`bip_fast.masks.project`.
-    """
-    scores = [s.detach() for s in scores]
-    if structure == "global" and hist1 is not None:
-        total = sum(s.numel() for s in scores)
-        alg._set_masks(ops.topk_masks(scores, keep_count(total, density), hist1=hist1))
-    elif structure == "group":  # whole channels of the groups of bip_fast.attach_groups
-        masks, vectors = project_groups(alg.model, alg.module_names, scores, density, filter_norm=filter_norm,
-                                        within=within)
-        alg._set_masks(masks)
-        apply_group_vectors(alg.model, vectors)
-    else:
-        try:
-            masks = project(scores, density, structure, n=n, m=m, filter_norm=filter_norm, within=within,
-                            out_dims=[getattr(mod, "out_dim", 0) for mod in alg.modules])
-        except ValueError as e:  # name the layer, not its index in the list of scores
-            raise ValueError(re.sub(r"scores\[(\d+)\]", lambda g: f"layer {alg.module_names[int(g.group(1))]!r}",
-                                    str(e))) from None
-        alg._set_masks(masks)

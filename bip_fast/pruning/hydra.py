@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import Algorithm, SGDGroup, _project_into
-from ._validate import Batch, _check_structure, _check_total_steps, check_sparsity
+from ._validate import Batch, _check_structure, _check_total_steps, check_target
 from .bip import _NORM_TYPES, init_scores
 
 __all__ = ["Hydra"]
@@ -32,6 +32,9 @@ class Hydra(Algorithm):
     and norm parameters are trained with SGD (``lr``, momentum, ``weight_decay``); the step
     counter restarts so the cosine schedule (``finetune_steps``, default ``total_steps``) does too.
     ``batch2`` is ignored in both phases.
+
+    ``macs=f`` / ``params=f`` instead of ``sparsity`` (``structure="group"``): a MACs or
+    parameter budget, as in :class:`~bip_fast.pruning.bip.BiP`.
     """
 
     name = "hydra"
@@ -39,8 +42,10 @@ class Hydra(Algorithm):
     def __init__(
         self,
         model: nn.Module,
-        sparsity: float,
+        sparsity: Optional[float] = None,
         *,
+        macs: Optional[float] = None,
+        params: Optional[float] = None,
         structure: str = "layer",
         score_lr: float = 0.1,
         score_weight_decay: float = 5e-4,
@@ -57,14 +62,14 @@ class Hydra(Algorithm):
         include=None,
         exclude=None,
     ) -> None:
-        self.sparsity_target = check_sparsity(sparsity)
-        _check_structure(structure, self.sparsity_target, n, m)
+        self.sparsity_target, self.budget = check_target(sparsity, macs, params, structure)
+        _check_structure(structure, self.sparsity_target or 0.0, n, m)
         if not isinstance(train_bn, bool):
             raise TypeError(f"train_bn: expected a bool, got {type(train_bn).__name__}")
         self.structure, self.n, self.m = structure, n, m
         self.finetune_steps = _check_total_steps(finetune_steps)
         super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, compute_loss=compute_loss,
-                         include=include, exclude=exclude)
+                         include=include, exclude=exclude, structure=structure)
         if self.finetune_steps is None:
             self.finetune_steps = self.total_steps
         self.phase = "prune"
@@ -82,7 +87,8 @@ class Hydra(Algorithm):
         self._project()
 
     def _project(self) -> None:
-        _project_into(self, self._scores(), 1.0 - self.sparsity_target, self.structure, self.n, self.m)
+        _project_into(self, self._scores(), 1.0 - (self.sparsity_target or 0.0), self.structure, self.n, self.m,
+                      budget=self.budget)
 
     def step(self, batch: Batch, batch2: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
         """Prune phase: score step + projection. Finetune phase: weight step under the fixed mask."""
@@ -109,7 +115,7 @@ class Hydra(Algorithm):
 
     def _extra_state(self) -> Dict[str, object]:
         return {"phase": self.phase, "finetune_steps": self.finetune_steps, "structure": self.structure,
-                "sparsity": self.sparsity_target}
+                "sparsity": self.sparsity_target, "budget": None if self.budget is None else str(self.budget)}
 
     def _load_extra_state(self, sd: Dict[str, object]) -> None:
         if sd.get("phase") not in PHASES:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import Algorithm, SGDGroup, _project_into
-from ._validate import Batch, _check_filter_norm, _check_structure, check_sparsity
+from ._validate import Batch, _check_filter_norm, _check_structure, check_target
 
 __all__ = ["OMP"]
 
@@ -27,6 +27,10 @@ class OMP(Algorithm):
     :func:`bip_fast.attach_groups`). ``filter_norm`` names the norm: ``"l2"`` (default, SPEC §2)
     or ``"l1"``, which with the retraining that follows is the L1-norm filter pruning of Li et al.
     (ICLR 2017): prune the filters whose weights have the smallest sum of absolute values, retrain.
+
+    Instead of ``sparsity``, ``macs=f`` or ``params=f`` (``structure="group"`` only) keeps at most
+    the fraction ``f`` of the dense model's MACs or parameters, the channels of all groups ranked
+    together by weight mass per unit of cost (:mod:`bip_fast.masks.budget`).
     """
 
     name = "omp"
@@ -34,8 +38,10 @@ class OMP(Algorithm):
     def __init__(
         self,
         model: nn.Module,
-        sparsity: float,
+        sparsity: Optional[float] = None,
         *,
+        macs: Optional[float] = None,
+        params: Optional[float] = None,
         structure: str = "global",
         filter_norm: str = "l2",
         lr: float = 0.1,
@@ -49,16 +55,16 @@ class OMP(Algorithm):
         include=None,
         exclude=None,
     ) -> None:
-        self.sparsity_target = check_sparsity(sparsity)
-        _check_structure(structure, self.sparsity_target, n, m)
+        self.sparsity_target, self.budget = check_target(sparsity, macs, params, structure)
+        _check_structure(structure, self.sparsity_target or 0.0, n, m)
         self.filter_norm = _check_filter_norm(filter_norm, structure)
         self.structure = structure
         super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, compute_loss=compute_loss,
-                         include=include, exclude=exclude)
+                         include=include, exclude=exclude, structure=structure)
         self._freeze_scores()
         self.param_groups = {"weights": SGDGroup("weights", self._lower_params(), lr, momentum, weight_decay)}
-        _project_into(self, self._weights(), 1.0 - self.sparsity_target, structure, n, m,
-                      filter_norm=self.filter_norm)
+        _project_into(self, self._weights(), 1.0 - (self.sparsity_target or 0.0), structure, n, m,
+                      filter_norm=self.filter_norm, budget=self.budget)
 
     def step(self, batch: Batch, batch2: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
         """One SGD step on ``batch`` under the fixed mask (``batch2`` is ignored)."""
