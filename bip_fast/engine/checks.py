@@ -19,7 +19,7 @@ __all__ = ["RUN_IDENTITY", "check_same_run", "check_nm_layers"]
 
 # (section, field) pairs that define what a run is; everything else may legitimately differ.
 RUN_IDENTITY = (("model", "arch"), ("data", "dataset"), ("prune", "method"), ("prune", "structure"),
-                ("prune", "sparsity"))
+                ("prune", "sparsity"), ("prune", "macs"), ("prune", "params"))
 
 
 def _norm(section: str, key: str, value):
