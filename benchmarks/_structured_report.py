@@ -65,8 +65,8 @@ def aggregate(records: Dict[str, List[Dict[str, Any]]], methods: Sequence[str],
             ref = imp_of.get(METHODS[m][1])
             if ref and ref != m:
                 imp = [r for r in records.get(ref, []) if abs(r["target_sparsity"] - t) < 1e-9]
-                rows[-1]["paired_vs_imp"] = paired(paired_diff(by_seed(rs, "test_acc"), by_seed(imp, "test_acc")))
-                rows[-1]["paired_vs_imp"] = rows[-1]["paired_vs_imp"] and dict(rows[-1]["paired_vs_imp"], reference=ref)
+                pv = paired(paired_diff(by_seed(rs, "test_acc"), by_seed(imp, "test_acc")))
+                rows[-1]["paired_vs_imp"] = pv and dict(pv, reference=ref)
     return rows
 
 

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .files.checkpoint import _check_path, _write_atomic
-from .masks.group_trace import ChannelGroups, Member, call_model, discover_groups, hooked_pass, plain_copy
+from .masks.group_trace import ChannelGroups, Member, call_model, discover_groups, hooked_pass, output_tensors, plain_copy
 
 __all__ = ["compact", "CompactReport", "export_compact", "count_macs"]
 
@@ -183,23 +183,13 @@ def _plan(plain: nn.Module, groups: ChannelGroups, reach: Dict[str, torch.Tensor
     return removals, report
 
 
-def _outputs(out) -> List[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _outputs(o)]
-    return []
-
-
 @torch.no_grad()
 def _max_diff(a: nn.Module, b: nn.Module, example_inputs) -> Tuple[float, float]:
     modes = (a.training, b.training)
     a.eval()
     b.eval()
     try:
-        ra, rb = _outputs(call_model(a, example_inputs)), _outputs(call_model(b, example_inputs))
+        ra, rb = output_tensors(call_model(a, example_inputs)), output_tensors(call_model(b, example_inputs))
     finally:
         a.train(modes[0])
         b.train(modes[1])

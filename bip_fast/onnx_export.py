@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .files.checkpoint import _check_path, _write_atomic
+from .masks.group_trace import output_tensors
 from .nn import finalize
 
 __all__ = ["export_onnx", "onnx_bytes", "write_onnx", "require_onnx", "OnnxExportError", "ONNX_PACKAGES"]
@@ -73,19 +74,8 @@ def _split(example_inputs) -> Tuple[tuple, Dict[str, object]]:
                     f"got {type(example_inputs).__name__}")
 
 
-def _leaves(out) -> List[torch.Tensor]:
-    """The tensors of a model output (tensor, tuple / list, dict), in torch.export's order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _leaves(o)]
-    return []
-
-
 def _output_names(out) -> List[str]:
-    n = len(_leaves(out))
+    n = len(output_tensors(out))
     if isinstance(out, torch.Tensor):
         return ["output"]
     if isinstance(out, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in out.items()):
@@ -190,7 +180,7 @@ def onnx_bytes(model: nn.Module, example_inputs, *, check: bool = True, rtol: fl
     if check:
         feeds = [t for t in list(args_cpu) + list(kwargs_cpu.values()) if isinstance(t, torch.Tensor)]
         got = _run_onnxruntime(data, feeds)
-        want = _leaves(ref)
+        want = output_tensors(ref)
         if len(got) != len(want) or any(tuple(g.shape) != tuple(w.shape) for g, w in zip(got, want)):
             raise ValueError(f"export_onnx: ONNX Runtime returned shapes {[tuple(g.shape) for g in got]}, the "
                              f"PyTorch model {[tuple(w.shape) for w in want]}")

@@ -98,6 +98,17 @@ def call_model(model: nn.Module, example_inputs):
     return model(example_inputs)
 
 
+def output_tensors(out) -> List[torch.Tensor]:
+    """The tensors of a model output (a tensor, tuples / lists and dicts of them, nested), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in output_tensors(o)]
+    return []
+
+
 def hooked_pass(model: nn.Module, example_inputs, hooks) -> None:
     """One eval-mode forward of ``example_inputs`` with ``hooks`` (handles of registered hooks),
     which are removed afterwards, and the model's training mode restored, whatever happens."""
