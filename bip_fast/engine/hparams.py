@@ -322,6 +322,11 @@ class RunConfig:
                         ("score_weight_decay", p.score_weight_decay), ("lr2", p.lr2)):
             if v is not None and not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}: expected a non-negative number, got {v!r}")
+        if not (math.isfinite(p.mask_freeze) and 0.0 <= p.mask_freeze < 1.0):
+            raise ValueError(f"mask_freeze: expected a fraction in [0, 1), got {p.mask_freeze!r}")
+        if p.mask_freeze and (p.method != "bip" or p.variant != "paper"):
+            raise ValueError(f"mask_freeze: applies to --method bip with --variant paper, got --method {p.method} "
+                             f"--variant {p.variant}")
         for name, v in (("batch_size", d.batch_size), ("test_batch_size", d.test_batch_size),
                         ("log_interval", t.log_interval)):
             if v < 1:

@@ -140,7 +140,8 @@ def describe_plan(cfg: RunConfig, segments: List[Segment], steps_per_epoch: int,
             rewind = f", rewind point: start of epoch {p.rewind_epoch}" if p.rewind_epoch is not None else ""
             parts.append(f"imp round 0 (dense) {shape}{rewind}")
         elif seg.kind == "bip":
-            parts.append(f"bip {shape}{_score_lr_text(cfg, seg.epochs * spe)}")
+            frozen = (f", mask fixed for the last {p.mask_freeze:g} of it (weights only)" if p.mask_freeze else "")
+            parts.append(f"bip {shape}{_score_lr_text(cfg, seg.epochs * spe)}{frozen}")
         elif seg.name == "hydra_prune":
             parts.append(f"hydra score phase {shape}, score lr {p.score_lr:g}")
         elif seg.name == "hydra_finetune":

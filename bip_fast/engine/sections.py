@@ -127,6 +127,8 @@ class PruneHparams:
     gamma: float = _f(1.0, "BiP gamma: the implicit-gradient term is scaled by 1/gamma")
     lr2: float = _f(1e-4, "official BiP variant: implicit-gradient coefficient")
     score_init: str = _f("magnitude", "BiP score init: magnitude or hydra")
+    mask_freeze: float = _f(0.0, "BiP (paper variant): keep the mask fixed for this last fraction of the schedule, "
+                                 "training the weights only (0: the mask moves at every step)", metavar="FRACTION")
     imp_rate: float = _f(0.2, "IMP: fraction of remaining weights pruned per round; the last round prunes less "
                               "so that the run lands exactly on --sparsity")
     rounds: Optional[int] = _f(None, "IMP: run the fixed series instead, this many rounds of --imp-rate each "

@@ -167,6 +167,11 @@ class BiP(Algorithm):
     coupled groups ranked together by score mass per unit of cost after every score update
     (:mod:`bip_fast.masks.budget`); exactly one of the three.
 
+    ``mask_freeze=f`` (paper variant, with ``total_steps``): the last fraction ``f`` of the schedule
+    keeps the mask fixed and trains θ only (the lower level: one forward/backward per step), so the
+    filters or weights the mask settles on are trained before the end (0.0, the paper's: the mask
+    moves at every step).
+
     Scores are initialised by :func:`init_scores` (``score_init="magnitude"``: |θ|, so the first
     mask is the magnitude mask of the pretrained model; ``"hydra"``: Hydra's scaled |θ|).
     ``gamma`` sets ``module.ig_scale = 1/gamma`` (paper variant); ``gamma=math.inf`` disables the
@@ -194,6 +199,7 @@ class BiP(Algorithm):
         lr2: float = 1e-4,
         total_steps: Optional[int] = None,
         score_init: str = "magnitude",
+        mask_freeze: float = 0.0,
         n: int = 2,
         m: int = 4,
         loss_fn=None,
@@ -213,6 +219,10 @@ class BiP(Algorithm):
         _check_choice(score_init, "score_init", SCORE_INITS)
         self.gamma = _check_number(gamma, "gamma", low=0.0, low_inclusive=False)
         self.lr2 = _check_number(lr2, "lr2", low=0.0)
+        self.mask_freeze = _check_number(mask_freeze, "mask_freeze", low=0.0, high=1.0, high_inclusive=False)
+        if self.mask_freeze and (variant != "paper" or total_steps is None):
+            raise ValueError("mask_freeze: needs variant='paper' and total_steps (the mask is fixed for the last "
+                             f"fraction mask_freeze of total_steps), got variant={variant!r}, total_steps={total_steps!r}")
         super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, compute_loss=compute_loss,
                          include=include, exclude=exclude, structure=structure)
         if score_lr is None:
@@ -272,7 +282,12 @@ class BiP(Algorithm):
         lower = self._check_batch(batch, "batch")
         upper = lower if batch2 is None else self._check_batch(batch2, "batch2")
         f = self.lr_factor()
-        if self.variant == "official":
+        frozen = self.mask_frozen()
+        self._scores_trainable(not frozen)
+        if frozen:  # the lower level only: θ under the fixed mask
+            out = self._forward_backward(lower)
+            self.param_groups["weights"].step(self.param_groups["weights"].lr * f, skip=self._skip)
+        elif self.variant == "official":
             out = self._step_official(lower, upper, f)
         elif self.schedule == "fused":
             out = self._forward_backward(lower)
@@ -294,6 +309,18 @@ class BiP(Algorithm):
         self.step_count += 1
         self.global_step += 1
         return out
+
+    def mask_frozen(self) -> bool:
+        """Whether the next step keeps the mask fixed: the last ``mask_freeze`` of ``total_steps``
+        (from step ``round((1 - mask_freeze) * total_steps)`` on) trains θ only, one forward/backward
+        on the lower batch per step, no score update, no projection."""
+        return bool(self.mask_freeze) and self.step_count >= round((1.0 - self.mask_freeze) * self.total_steps)
+
+    def _scores_trainable(self, on: bool) -> None:
+        """Scores skip their gradient while the mask is frozen (and get it back on a reload before)."""
+        if self.variant == "paper" and self.modules and self.modules[0].scores.requires_grad != on:
+            for s in self._scores():
+                s.requires_grad_(on)
 
     @torch.no_grad()
     def _add_ig_after_reduce(self) -> None:
@@ -355,11 +382,12 @@ class BiP(Algorithm):
 
     def _extra_state(self) -> Dict[str, object]:
         return {"variant": self.variant, "schedule": self.schedule, "structure": self.structure,
-                "sparsity": self.sparsity_target, "budget": None if self.budget is None else str(self.budget)}
+                "sparsity": self.sparsity_target, "budget": None if self.budget is None else str(self.budget),
+                "mask_freeze": self.mask_freeze}
 
     def _load_extra_state(self, sd: Dict[str, object]) -> None:
         budget = None if self.budget is None else str(self.budget)
         for k, mine in (("variant", self.variant), ("schedule", self.schedule), ("structure", self.structure),
-                        ("sparsity", self.sparsity_target), ("budget", budget)):
-            if sd.get(k) != mine:
+                        ("sparsity", self.sparsity_target), ("budget", budget), ("mask_freeze", self.mask_freeze)):
+            if sd.get(k, 0.0 if k == "mask_freeze" else None) != mine:  # mask_freeze: 0.0 before it existed
                 raise ValueError(f"state_dict: {k}={sd.get(k)!r} does not match this BiP's {k}={mine!r}")
