@@ -71,6 +71,8 @@ def code_version() -> Dict[str, Any]:
 def _build(arch: str) -> torch.nn.Module:
     if arch == "resnet8":  # the engine's CIFAR ResNet at depth 8 (6n+2, n=1): the quick preset's size
         return CifarResNet(8)
+    if arch == "resnet8b":  # the same with 1x1-conv projection shortcuts (benchmarks/macs_budget.py)
+        return CifarResNet(8, shortcut="B")
     return build(arch)
 
 

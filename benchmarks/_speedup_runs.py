@@ -320,6 +320,21 @@ def _device(arg: str) -> torch.device:
     return torch.device(arg)
 
 
+def run_arguments(p, out: str, seeds: int = 3) -> None:
+    """The arguments every resumable study on the cpu regime shares (device, data, output folder,
+    dense cache, --resume / --max-minutes / --allow-mixed-commits, seeds)."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py (else $BIP_FAST_DATA)")
+    p.add_argument("--out", default=out)
+    p.add_argument("--cache-dir", default=None, help="dense pretraining cache (default benchmarks/results/cache)")
+    p.add_argument("--resume", action="store_true", help="keep finished runs and continue unfinished ones")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly at the next epoch boundary after "
+                                                                    "this budget (rerun with --resume)")
+    p.add_argument("--allow-mixed-commits", action="store_true", help="with --resume: reuse runs of another commit")
+    p.add_argument("--seeds", type=int, default=seeds)
+    p.add_argument("--quick", action="store_true", help="smoke run: 256 training images, 1 seed, 1 dense epoch")
+
+
 def setup(args, cfg, device: torch.device):
     """Output folder, data and context of a run of ``cfg`` (a preset name or dict); (None, ...) on
     bad input (the reason is printed). Without ``args.resume`` the folder's runs are cleared;

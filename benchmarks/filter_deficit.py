@@ -31,7 +31,6 @@ structured.py (``--resume``, ``--max-minutes``).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -44,7 +43,7 @@ try:  # imported as part of a package
     from . import _common as C
     from ._speedup_loop import MixedCode, Stop
     from ._speedup_presets import PRESETS
-    from ._speedup_runs import _device, _model_from, pretrain, setup
+    from ._speedup_runs import _device, _model_from, run_arguments, pretrain, setup
     from ._structured_runs import make_algorithm, method_hparams, run_one_shot
     from ._speedup_stats import by_seed, paired, paired_diff
 except ImportError:  # run as a script
@@ -52,7 +51,7 @@ except ImportError:  # run as a script
     import _common as C  # type: ignore[no-redef]
     from _speedup_loop import MixedCode, Stop  # type: ignore[no-redef]
     from _speedup_presets import PRESETS  # type: ignore[no-redef]
-    from _speedup_runs import _device, _model_from, pretrain, setup  # type: ignore[no-redef]
+    from _speedup_runs import _device, _model_from, run_arguments, pretrain, setup  # type: ignore[no-redef]
     from _structured_runs import make_algorithm, method_hparams, run_one_shot  # type: ignore[no-redef]
     from _speedup_stats import by_seed, paired, paired_diff  # type: ignore[no-redef]
 
@@ -161,17 +160,9 @@ def table(rows: List[Dict[str, Any]], grads: List[Dict[str, Any]]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py (else $BIP_FAST_DATA)")
-    p.add_argument("--out", default=os.path.join(C.RESULTS_DIR, "filter-deficit-cpu"))
-    p.add_argument("--cache-dir", default=None, help="dense pretraining cache (default benchmarks/results/cache)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--allow-mixed-commits", action="store_true")
-    p.add_argument("--seeds", type=int, default=3)
+    run_arguments(p, os.path.join(C.RESULTS_DIR, "filter-deficit-cpu"))
     p.add_argument("--sparsity", type=float, default=0.8)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    p.add_argument("--quick", action="store_true", help="smoke run: 256 training images, 1 seed, 1 dense epoch")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]

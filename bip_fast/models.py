@@ -88,12 +88,16 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """He et al. CIFAR ResNet of depth 6n+2 (three stages, 16/32/64 channels, option A)."""
+    """He et al. CIFAR ResNet of depth 6n+2 (three stages, 16/32/64 channels). ``shortcut``: "A"
+    (the paper's: subsampling and zero-padding, no parameters) or "B" (1x1 conv + BatchNorm
+    projections where the shape changes)."""
 
-    def __init__(self, depth: int, num_classes: int = 10):
+    def __init__(self, depth: int, num_classes: int = 10, shortcut: str = "A"):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth: expected 6n+2 with n >= 1, got {depth}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut: expected 'A' or 'B', got {shortcut!r}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -102,7 +106,7 @@ class CifarResNet(nn.Module):
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
             for i in range(n):
-                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, "A"))
+                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, shortcut))
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages

@@ -5,15 +5,11 @@ table, and that --resume trains nothing again. Needs real CIFAR-10 (skipped when
 
 import json
 
-import pytest
-
-from test_speedup_smoke import _data_dir, _load
+from test_speedup_smoke import _data_dir_or_skip, _load
 
 
 def test_filter_deficit_quick(tmp_path):
-    data_dir = _data_dir()
-    if data_dir is None:
-        pytest.skip("CIFAR-10 not available (set BIP_FAST_DATA)")
+    data_dir = _data_dir_or_skip()
     out = tmp_path / "out"
     argv = ["--quick", "--data-dir", data_dir, "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
             "--variants", "bip,bip_freeze50,l1"]

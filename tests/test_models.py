@@ -128,3 +128,15 @@ def test_errors():
     with pytest.raises(TypeError, match="num_classes"):
         build("resnet20", 10.0)
     assert set(ARCHS) >= {"resnet20", "resnet56", "resnet18", "vgg16_bn"}
+
+
+def test_cifar_resnet_projection_shortcuts():
+    import torch
+    from bip_fast.models import CifarResNet
+
+    m = CifarResNet(8, shortcut="B")
+    proj = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d) and c.kernel_size == (1, 1)]
+    assert [(c.in_channels, c.out_channels) for c in proj] == [(16, 32), (32, 64)]
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="shortcut"):
+        CifarResNet(8, shortcut="C")

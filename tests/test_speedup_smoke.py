@@ -26,6 +26,13 @@ def _load(name):
     return mod
 
 
+def _data_dir_or_skip():
+    d = _data_dir()
+    if d is None:
+        pytest.skip("CIFAR-10 not available (set BIP_FAST_DATA)")
+    return d
+
+
 def _data_dir():
     for d in (os.environ.get("BIP_FAST_DATA"), "/work/shared/data/cifar10", os.path.join(ROOT, "data")):
         if d and (os.path.isdir(os.path.join(d, "cifar-10-batches-py")) or
