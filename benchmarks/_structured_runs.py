@@ -10,7 +10,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -246,8 +246,11 @@ def inference_cost(ctx: Ctx, model: torch.nn.Module, structure: str) -> Dict[str
 # runs
 # --------------------------------------------------------------------------------------------
 def run_one_shot(ctx: Ctx, method: str, sparsity: float, seed: int, pre: Dict[str, Any],
-                 hp: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """BiP, OMP, Hydra or L1-norm pruning of the dense run of ``seed`` to ``sparsity`` filters."""
+                 hp: Optional[Dict[str, Any]] = None, prepare: Optional[Callable] = None) -> Dict[str, Any]:
+    """BiP, OMP, Hydra or L1-norm pruning of the dense run of ``seed`` to ``sparsity`` filters.
+    ``prepare(alg, hp)``: called on every new algorithm (an experiment's change, e.g. gradient hooks),
+    keyed by the entries of ``hp`` whose names start with ``x_`` (part of the run's id, not passed
+    to the constructor)."""
     hp = method_hparams(ctx, method) if hp is None else hp
     run_id = f"{method}-s{round(100 * sparsity)}-seed{seed}-{config_tag(hp)}"
     done = _load_result(ctx, run_id)
@@ -256,7 +259,11 @@ def run_one_shot(ctx: Ctx, method: str, sparsity: float, seed: int, pre: Dict[st
     bilevel = METHODS[method][0] == "bip"
 
     def make():
-        return make_algorithm(ctx, method, _model_from(ctx, pre["final"]), sparsity, hp)
+        alg = make_algorithm(ctx, method, _model_from(ctx, pre["final"]), sparsity,
+                             {k: v for k, v in hp.items() if not k.startswith("x_")})
+        if prepare is not None:
+            prepare(alg, hp)
+        return alg
 
     _warmup(ctx, method, make, bilevel)
     alg = make()

@@ -18,8 +18,11 @@ Three measurements, per seed (0-2 by default), at ``--sparsity`` (80%) filter sp
    the mask settled on), and the score learning rate scaled down 10x for filters. Their final
    validation accuracy decides; the test set only reports. L1-norm filter pruning (the best
    baseline at 80% in structured.json) runs beside them, with its own configuration and the same
-   number of extra configurations (learning rates 0.05 and 0.2 beside its 0.1), so that neither
-   side gets more tries.
+   number of extra configurations (learning rates 0.05 and 0.2 beside its 0.1, weight decay 1e-4 and
+   1e-3 beside its 5e-4), so that neither side gets more tries;
+4. **The remedy measurement 1 points to** (``bip_bn_corrected``, :class:`BNCorrection`): a pruned
+   filter's score gradient scaled by sqrt(eps / (σ² + eps)), σ² the batch variance its output would
+   have switched on, as if BatchNorm normalised it by its own spread rather than by sqrt(eps).
 
 Output (``--out``, default benchmarks/results/filter-deficit-cpu/): filter_deficit.json (config,
 gradient ratios, runs with their mask movement, provenance) and filter_deficit.md. Resumable like
@@ -64,11 +67,53 @@ VARIANTS = {
     "bip_freeze25": ("bip_filter", {"mask_freeze": 0.25}),
     "bip_freeze50": ("bip_filter", {"mask_freeze": 0.5}),
     "bip_score_lr_div10": ("bip_filter", {"score_lr_scale": 0.1}),
+    "bip_bn_corrected": ("bip_filter", {"x_bn_corrected": True}),
     "l1": ("l1_filter", {}),
     "l1_lr0.05": ("l1_filter", {"lr": 0.05}),
     "l1_lr0.2": ("l1_filter", {"lr": 0.2}),
+    "l1_wd1e-4": ("l1_filter", {"weight_decay": 1e-4}),
+    "l1_wd1e-3": ("l1_filter", {"weight_decay": 1e-3}),
     "hydra": ("hydra_filter", {}),
 }
+
+
+class BNCorrection:
+    """The remedy measurement 1 points to (an experiment, not a library option): scale the score
+    gradient of every pruned filter by sqrt(eps / (σ² + eps)), where σ² is the batch variance the
+    filter's output *would* have with its weights θ switched on (one extra convolution of the pruned
+    filters on the layer's input of the same pass). The straight-through gradient linearises at
+    the all-zero channel, where the BatchNorm after it divides by sqrt(eps); switched on, the
+    channel would be divided by about σ. The kept filters' gradients are left as they are.
+    Needs a BatchNorm right after each pruned conv, found by name (``conv`` -> ``bn``)."""
+
+    def __init__(self, alg) -> None:
+        self.inputs: Dict[str, torch.Tensor] = {}
+        held = {alg.module_names[i] for i in alg.dense_outputs}
+        for name, mod in zip(alg.module_names, alg.modules):
+            if name in held or not isinstance(mod, torch.nn.Conv2d):
+                continue
+            bn = alg.model.get_submodule(name.replace("conv", "bn"))
+            if not isinstance(bn, torch.nn.BatchNorm2d):
+                raise ValueError(f"BNCorrection: {name} is not followed by a BatchNorm2d named like it")
+            mod.register_forward_pre_hook(lambda m, args, n=name: self.inputs.__setitem__(n, args[0].detach()))
+            mod.scores.register_hook(lambda g, m=mod, n=name, b=bn: self.scale(g, m, n, b))
+
+    def scale(self, g: torch.Tensor, mod, name: str, bn) -> torch.Tensor:
+        pruned = ~mod.mask.flatten(1).any(dim=1)
+        if not bool(pruned.any()) or name not in self.inputs:
+            return g
+        with torch.no_grad():
+            z = torch.nn.functional.conv2d(self.inputs[name], mod.weight[pruned].to(g.dtype), None, mod.stride,
+                                           mod.padding, mod.dilation, mod.groups)
+            c = torch.sqrt(bn.eps / (z.var(dim=(0, 2, 3), unbiased=False) + bn.eps))
+            g = g.clone()
+            g[pruned] *= c.view(-1, *([1] * (g.dim() - 1)))
+        return g
+
+
+def _prepare(alg, hp: Dict[str, Any]) -> None:
+    if hp.get("x_bn_corrected"):
+        BNCorrection(alg)
 HYDRA_BASE = {"score_lr": "scaled", "lr": 0.1}
 
 
@@ -83,31 +128,40 @@ def _config(ctx, variant: str) -> Dict[str, Any]:
     return hp
 
 
-def grad_ratio(ctx, pre: Dict[str, Any], sparsity: float, seed: int) -> Dict[str, Any]:
-    """Measurement 1: per conv layer, mean L2 norm of the score gradient per pruned filter over that
-    per kept filter, at BiP's first filter mask of the dense model of ``seed``."""
+def _score_grads(ctx, pre: Dict[str, Any], sparsity: float, seed: int, corrected: bool):
     alg = make_algorithm(ctx, "bip_filter", _model_from(ctx, pre["final"]), sparsity, _config(ctx, "bip"))
+    if corrected:
+        BNCorrection(alg)
     model = alg.model.train()
     x, y = next(iter(ctx.data.train_loader(ctx.cfg["batch_size"], seed=1000 * seed + 7, augment=False)))
     torch.nn.functional.cross_entropy(model(x.to(ctx.device)), y.to(ctx.device)).backward()
+    held = {alg.module_names[i] for i in alg.dense_outputs}
+    return [(name, mod.scores.grad.flatten(1).norm(dim=1), mod.mask.flatten(1).any(dim=1))
+            for name, mod in zip(alg.module_names, alg.modules) if name not in held]
+
+
+def grad_ratio(ctx, pre: Dict[str, Any], sparsity: float, seed: int) -> Dict[str, Any]:
+    """Measurement 1: per conv layer, mean L2 norm of the score gradient per pruned filter over that
+    per kept filter, at BiP's first filter mask of the dense model of ``seed`` (and the same with
+    :class:`BNCorrection`)."""
     layers = []
-    for name, mod in zip(alg.module_names, alg.modules):
-        if name in {alg.module_names[i] for i in alg.dense_outputs}:
-            continue
-        g = mod.scores.grad.flatten(1).norm(dim=1)
-        kept = mod.mask.flatten(1).any(dim=1)
+    raw = _score_grads(ctx, pre, sparsity, seed, False)
+    fixed = _score_grads(ctx, pre, sparsity, seed, True)
+    for (name, g, kept), (_, gc, _) in zip(raw, fixed):
         if kept.all() or not kept.any():
             continue
-        gp, gk = float(g[~kept].mean()), float(g[kept].mean())
+        gk = float(g[kept].mean())
+        gp, gpc = float(g[~kept].mean()), float(gc[~kept].mean())
         layers.append({"layer": name, "filters": int(kept.numel()), "kept": int(kept.sum()),
                        "pruned_grad": gp, "kept_grad": gk, "ratio": gp / gk if gk > 0 else None,
+                       "ratio_bn_corrected": gpc / gk if gk > 0 else None,
                        "pruned_zero_grad": int((g[~kept] == 0).sum())})
     return {"seed": seed, "layers": layers}
 
 
 def run_variant(ctx, variant: str, sparsity: float, seed: int, pre: Dict[str, Any]) -> Dict[str, Any]:
     method = VARIANTS[variant][0]
-    rec = run_one_shot(ctx, method, sparsity, seed, pre, _config(ctx, variant))
+    rec = run_one_shot(ctx, method, sparsity, seed, pre, _config(ctx, variant), prepare=_prepare)
     return dict(rec, variant=variant)
 
 
@@ -148,12 +202,13 @@ def table(rows: List[Dict[str, Any]], grads: List[Dict[str, Any]]) -> str:
         sd = lambda v: "" if v is None else f" ± {100 * v:.2f}"  # noqa: E731
         out.append(f"| {r['variant']} | {100 * r['val_acc']:.2f}{sd(r['val_acc_std'])} | "
                    f"{100 * r['test_acc']:.2f}{sd(r['test_acc_std'])} | {pc} | {fl} |")
-    out += ["", "| seed | layer | filters kept / all | score-gradient norm, pruned / kept filter | pruned filters with zero gradient |",
-            "|---|---|---|---|---|"]
+    out += ["", "| seed | layer | filters kept / all | score-gradient norm, pruned / kept filter | the same, BN-corrected "
+                "| pruned filters with zero gradient |", "|---|---|---|---|---|---|"]
     for g in grads:
         for L in g["layers"]:
             ratio = "n/a" if L["ratio"] is None else f"{L['ratio']:.1f}x"
-            out.append(f"| {g['seed']} | {L['layer']} | {L['kept']} / {L['filters']} | {ratio} | "
+            fixed = "n/a" if L["ratio_bn_corrected"] is None else f"{L['ratio_bn_corrected']:.2f}x"
+            out.append(f"| {g['seed']} | {L['layer']} | {L['kept']} / {L['filters']} | {ratio} | {fixed} | "
                        f"{L['pruned_zero_grad']} / {L['filters'] - L['kept']} |")
     return "\n".join(out)
 
