@@ -192,6 +192,28 @@ def summarise(runs: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
     return rows
 
 
+def verdict(rows: List[Dict[str, Any]], runs: Dict[str, List[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
+    """Each side's configuration chosen by mean validation accuracy over the seeds (BiP among its
+    base and 4 remedies, L1-norm among its base and 4 extra configurations; ties: the earlier), then
+    the chosen BiP against the chosen L1-norm on the test set, paired per seed; and the deficit
+    itself (both base configurations)."""
+    def chosen(method: str) -> Optional[Dict[str, Any]]:
+        mine = [r for r in rows if r["method"] == method]
+        return max(mine, key=lambda r: (r["val_acc"], -mine.index(r))) if mine else None
+
+    b, l1 = chosen("bip_filter"), chosen("l1_filter")
+    if b is None or l1 is None or "bip" not in runs or "l1" not in runs:
+        return None
+    std = l1["test_acc_std"]
+    return {"rule": "per side, the configuration with the highest mean validation accuracy over the seeds (5 each)",
+            "bip_choice": b["variant"], "l1_choice": l1["variant"],
+            "bip_test_acc": b["test_acc"], "l1_test_acc": l1["test_acc"], "l1_test_acc_std": std,
+            "within_l1_std": None if std is None else abs(b["test_acc"] - l1["test_acc"]) <= std,
+            "paired_chosen_bip_vs_l1": paired(paired_diff(by_seed(runs[b["variant"]], "test_acc"),
+                                                          by_seed(runs[l1["variant"]], "test_acc"))),
+            "paired_base_bip_vs_l1": paired(paired_diff(by_seed(runs["bip"], "test_acc"), by_seed(runs["l1"], "test_acc")))}
+
+
 def table(rows: List[Dict[str, Any]], grads: List[Dict[str, Any]]) -> str:
     out = ["| variant | val acc % (± std) | test acc % (± std) | test vs BiP, paired (95% CI) | filters flipped per tenth of training (%) |",
            "|---|---|---|---|---|"]
@@ -254,7 +276,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"--resume: {e}", file=sys.stderr)
         return 2
     rows = summarise(runs)
+    decided = verdict(rows, runs)
     md = table(rows, grads)
+    if decided:
+        p_ = decided["paired_chosen_bip_vs_l1"]
+        md += (f"\n\nChosen on validation: BiP {decided['bip_choice']} {100 * decided['bip_test_acc']:.2f}% test, "
+               f"L1-norm {decided['l1_choice']} {100 * decided['l1_test_acc']:.2f}% test; paired BiP - L1 "
+               f"{p_['mean']:+.2f} points" + ("" if p_.get("ci95") is None else
+                                              f" [{p_['ci95'][0]:+.2f}, {p_['ci95'][1]:+.2f}] ({p_['verdict']})"))
     print(md)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "filter_deficit.md"), "w") as f:
@@ -265,7 +294,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     C.write_json(os.path.join(args.out, "filter_deficit.json"), benchmark="filter_deficit", env=env,
                  config=dict(cfg, sparsity=args.sparsity, variants={v: VARIANTS[v] for v in variants}, steps=ctx.steps,
                              device=str(device)),
-                 rows=[], extra={"summary": rows, "grad_ratios": grads, "runs": runs, "complete": stopped is None,
+                 rows=[], extra={"summary": rows, "verdict": decided, "grad_ratios": grads, "runs": runs, "complete": stopped is None,
                                  "stopped_in": stopped, "continue_command": again,
                                  "provenance": {"commit": ctx.code["commit"], "dirty": ctx.code["dirty"],
                                                 "run_commits": sorted(codes)},
