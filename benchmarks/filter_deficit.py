@@ -1,7 +1,7 @@
 """Why BiP with per-layer filter masks falls behind at high filter sparsity: measurements and the
 remedies they point to, on the validation split (the regime of benchmarks/structured.py).
 
-Three measurements, per seed (0-2 by default), at ``--sparsity`` (80%) filter sparsity:
+Measurements and experiments, per seed (0-2 by default), at ``--sparsity`` (80%) filter sparsity:
 
 1. **The score gradient of a pruned filter.** BiP's first mask (the filter projection of |θ| of the
    dense model), one forward/backward on a training batch in train mode, and per conv layer the
@@ -23,6 +23,8 @@ Three measurements, per seed (0-2 by default), at ``--sparsity`` (80%) filter sp
 4. **The remedy measurement 1 points to** (``bip_bn_corrected``, :class:`BNCorrection`): a pruned
    filter's score gradient scaled by sqrt(eps / (σ² + eps)), σ² the batch variance its output would
    have switched on, as if BatchNorm normalised it by its own spread rather than by sqrt(eps).
+5. **A control** (``--variants l1_bip_steps``, not among the choices): L1-norm pruning retrained for
+   BiP's 349 steps instead of its 558, which separates the length of training from the mask.
 
 Output (``--out``, default benchmarks/results/filter-deficit-cpu/): filter_deficit.json (config,
 gradient ratios, runs with their mask movement, provenance) and filter_deficit.md. Resumable like
@@ -74,7 +76,10 @@ VARIANTS = {
     "l1_wd1e-4": ("l1_filter", {"weight_decay": 1e-4}),
     "l1_wd1e-3": ("l1_filter", {"weight_decay": 1e-3}),
     "hydra": ("hydra_filter", {}),
+    # a control, not a configuration to choose: L1-norm retrained for BiP's 349 steps instead of 558
+    "l1_bip_steps": ("l1_filter", {"x_steps": "bip"}),
 }
+CONTROLS = ("l1_bip_steps",)
 
 
 class BNCorrection:
@@ -161,7 +166,14 @@ def grad_ratio(ctx, pre: Dict[str, Any], sparsity: float, seed: int) -> Dict[str
 
 def run_variant(ctx, variant: str, sparsity: float, seed: int, pre: Dict[str, Any]) -> Dict[str, Any]:
     method = VARIANTS[variant][0]
-    rec = run_one_shot(ctx, method, sparsity, seed, pre, _config(ctx, variant), prepare=_prepare)
+    hp = _config(ctx, variant)
+    steps = ctx.steps
+    if hp.get("x_steps"):  # the control: retrain for another method's number of steps
+        ctx.steps = dict(steps, omp=steps[hp["x_steps"]])
+    try:
+        rec = run_one_shot(ctx, method, sparsity, seed, pre, hp, prepare=_prepare)
+    finally:
+        ctx.steps = steps
     return dict(rec, variant=variant)
 
 
@@ -198,7 +210,7 @@ def verdict(rows: List[Dict[str, Any]], runs: Dict[str, List[Dict[str, Any]]]) -
     the chosen BiP against the chosen L1-norm on the test set, paired per seed; and the deficit
     itself (both base configurations)."""
     def chosen(method: str) -> Optional[Dict[str, Any]]:
-        mine = [r for r in rows if r["method"] == method]
+        mine = [r for r in rows if r["method"] == method and r["variant"] not in CONTROLS]
         return max(mine, key=lambda r: (r["val_acc"], -mine.index(r))) if mine else None
 
     b, l1 = chosen("bip_filter"), chosen("l1_filter")
@@ -239,7 +251,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run_arguments(p, os.path.join(C.RESULTS_DIR, "filter-deficit-cpu"))
     p.add_argument("--sparsity", type=float, default=0.8)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in CONTROLS),
+                   help="comma-separated subset of " + ",".join(VARIANTS))
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]

@@ -12,13 +12,15 @@ def test_filter_deficit_quick(tmp_path):
     data_dir = _data_dir_or_skip()
     out = tmp_path / "out"
     argv = ["--quick", "--data-dir", data_dir, "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-            "--variants", "bip,bip_freeze50,bip_bn_corrected,l1,l1_lr0.2"]
+            "--variants", "bip,bip_freeze50,bip_bn_corrected,l1,l1_lr0.2,l1_bip_steps"]
     fd = _load("filter_deficit")
     assert fd.main(argv) == 0
     doc = json.loads((out / "filter_deficit.json").read_text())
     assert doc["complete"] is True and doc["provenance"]["commit"]
     rows = {r["variant"]: r for r in doc["summary"]}
-    assert set(rows) == {"bip", "bip_freeze50", "bip_bn_corrected", "l1", "l1_lr0.2"}
+    assert set(rows) == {"bip", "bip_freeze50", "bip_bn_corrected", "l1", "l1_lr0.2", "l1_bip_steps"}
+    # the control retrains for BiP's steps and is never chosen
+    assert doc["runs"]["l1_bip_steps"][0]["steps"] == doc["runs"]["bip"][0]["steps"] != doc["runs"]["l1"][0]["steps"]
     v = doc["verdict"]
     best = max((r for r in rows.values() if r["method"] == "bip_filter"), key=lambda r: r["val_acc"])
     assert v["bip_choice"] in ("bip", "bip_freeze50", "bip_bn_corrected") and v["l1_choice"] in ("l1", "l1_lr0.2")
