@@ -10,7 +10,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,6 +38,9 @@ from bip_fast.nn import masked_modules
 METHODS: Dict[str, Tuple[str, str, str, Dict[str, Any]]] = {
     "bip_group": ("bip", "group", "bip_alternating", {}),
     "bip_filter": ("bip", "filter", "bip_alternating", {}),
+    # BiP with a pruned filter's score gradient taken as BatchNorm would normalise it switched on
+    # (BiP(bn_correction=True); benchmarks/filter_deficit.py measured why)
+    "bip_filter_bn": ("bip", "filter", "bip_alternating", {"bn_correction": True}),
     "imp_filter": ("imp", "filter", "imp", {}),
     "omp_filter": ("omp", "filter", "omp", {}),
     "hydra_filter": ("hydra", "filter", "hydra", {}),
@@ -48,8 +51,9 @@ METHODS: Dict[str, Tuple[str, str, str, Dict[str, Any]]] = {
     "hydra_group": ("hydra", "group", "hydra", {}),
     "l1_group": ("omp", "group", "omp", {"filter_norm": "l1"}),
 }
-DEFAULT_METHODS = ("bip_group", "bip_filter", "imp_filter", "omp_filter", "hydra_filter", "l1_filter")
-LABELS = {"bip_group": "BiP (group masks)", "bip_filter": "BiP (filter masks)", "imp_filter": "IMP-F",
+DEFAULT_METHODS = ("bip_group", "bip_filter", "bip_filter_bn", "imp_filter", "omp_filter", "hydra_filter", "l1_filter")
+LABELS = {"bip_group": "BiP (group masks)", "bip_filter": "BiP (filter masks)",
+          "bip_filter_bn": "BiP (filter masks, BatchNorm-corrected scores)", "imp_filter": "IMP-F",
           "omp_filter": "OMP-F", "hydra_filter": "Hydra (filter)", "l1_filter": "L1-norm filter",
           "imp_group": "IMP (group masks)", "omp_group": "OMP (group masks)", "hydra_group": "Hydra (group masks)",
           "l1_group": "L1-norm (group masks)"}
@@ -246,11 +250,10 @@ def inference_cost(ctx: Ctx, model: torch.nn.Module, structure: str) -> Dict[str
 # runs
 # --------------------------------------------------------------------------------------------
 def run_one_shot(ctx: Ctx, method: str, sparsity: float, seed: int, pre: Dict[str, Any],
-                 hp: Optional[Dict[str, Any]] = None, prepare: Optional[Callable] = None) -> Dict[str, Any]:
+                 hp: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """BiP, OMP, Hydra or L1-norm pruning of the dense run of ``seed`` to ``sparsity`` filters.
-    ``prepare(alg, hp)``: called on every new algorithm (an experiment's change, e.g. gradient hooks),
-    keyed by the entries of ``hp`` whose names start with ``x_`` (part of the run's id, not passed
-    to the constructor)."""
+    Entries of ``hp`` whose names start with ``x_`` (an experiment's setting the caller applies)
+    are part of the run's id and not passed to the constructor."""
     hp = method_hparams(ctx, method) if hp is None else hp
     run_id = f"{method}-s{round(100 * sparsity)}-seed{seed}-{config_tag(hp)}"
     done = _load_result(ctx, run_id)
@@ -259,11 +262,8 @@ def run_one_shot(ctx: Ctx, method: str, sparsity: float, seed: int, pre: Dict[st
     bilevel = METHODS[method][0] == "bip"
 
     def make():
-        alg = make_algorithm(ctx, method, _model_from(ctx, pre["final"]), sparsity,
-                             {k: v for k, v in hp.items() if not k.startswith("x_")})
-        if prepare is not None:
-            prepare(alg, hp)
-        return alg
+        return make_algorithm(ctx, method, _model_from(ctx, pre["final"]), sparsity,
+                              {k: v for k, v in hp.items() if not k.startswith("x_")})
 
     _warmup(ctx, method, make, bilevel)
     alg = make()

@@ -20,9 +20,9 @@ Measurements and experiments, per seed (0-2 by default), at ``--sparsity`` (80%)
    baseline at 80% in structured.json) runs beside them, with its own configuration and the same
    number of extra configurations (learning rates 0.05 and 0.2 beside its 0.1, weight decay 1e-4 and
    1e-3 beside its 5e-4), so that neither side gets more tries;
-4. **The remedy measurement 1 points to** (``bip_bn_corrected``, :class:`BNCorrection`): a pruned
-   filter's score gradient scaled by sqrt(eps / (σ² + eps)), σ² the batch variance its output would
-   have switched on, as if BatchNorm normalised it by its own spread rather than by sqrt(eps).
+4. **The remedy measurement 1 points to** (``bip_bn_corrected``, ``BiP(bn_correction=True)``): a
+   pruned filter's score gradient scaled by sqrt(eps / (σ² + eps)), σ² the batch variance its output
+   would have switched on, as if BatchNorm normalised it by its own spread rather than by sqrt(eps).
 5. **A control** (``--variants l1_bip_steps``, not among the choices): L1-norm pruning retrained for
    BiP's 349 steps instead of its 558, which separates the length of training from the mask.
 
@@ -69,7 +69,7 @@ VARIANTS = {
     "bip_freeze25": ("bip_filter", {"mask_freeze": 0.25}),
     "bip_freeze50": ("bip_filter", {"mask_freeze": 0.5}),
     "bip_score_lr_div10": ("bip_filter", {"score_lr_scale": 0.1}),
-    "bip_bn_corrected": ("bip_filter", {"x_bn_corrected": True}),
+    "bip_bn_corrected": ("bip_filter", {"bn_correction": True}),
     "l1": ("l1_filter", {}),
     "l1_lr0.05": ("l1_filter", {"lr": 0.05}),
     "l1_lr0.2": ("l1_filter", {"lr": 0.2}),
@@ -81,44 +81,6 @@ VARIANTS = {
 }
 CONTROLS = ("l1_bip_steps",)
 
-
-class BNCorrection:
-    """The remedy measurement 1 points to (an experiment, not a library option): scale the score
-    gradient of every pruned filter by sqrt(eps / (σ² + eps)), where σ² is the batch variance the
-    filter's output *would* have with its weights θ switched on (one extra convolution of the pruned
-    filters on the layer's input of the same pass). The straight-through gradient linearises at
-    the all-zero channel, where the BatchNorm after it divides by sqrt(eps); switched on, the
-    channel would be divided by about σ. The kept filters' gradients are left as they are.
-    Needs a BatchNorm right after each pruned conv, found by name (``conv`` -> ``bn``)."""
-
-    def __init__(self, alg) -> None:
-        self.inputs: Dict[str, torch.Tensor] = {}
-        held = {alg.module_names[i] for i in alg.dense_outputs}
-        for name, mod in zip(alg.module_names, alg.modules):
-            if name in held or not isinstance(mod, torch.nn.Conv2d):
-                continue
-            bn = alg.model.get_submodule(name.replace("conv", "bn"))
-            if not isinstance(bn, torch.nn.BatchNorm2d):
-                raise ValueError(f"BNCorrection: {name} is not followed by a BatchNorm2d named like it")
-            mod.register_forward_pre_hook(lambda m, args, n=name: self.inputs.__setitem__(n, args[0].detach()))
-            mod.scores.register_hook(lambda g, m=mod, n=name, b=bn: self.scale(g, m, n, b))
-
-    def scale(self, g: torch.Tensor, mod, name: str, bn) -> torch.Tensor:
-        pruned = ~mod.mask.flatten(1).any(dim=1)
-        if not bool(pruned.any()) or name not in self.inputs:
-            return g
-        with torch.no_grad():
-            z = torch.nn.functional.conv2d(self.inputs[name], mod.weight[pruned].to(g.dtype), None, mod.stride,
-                                           mod.padding, mod.dilation, mod.groups)
-            c = torch.sqrt(bn.eps / (z.var(dim=(0, 2, 3), unbiased=False) + bn.eps))
-            g = g.clone()
-            g[pruned] *= c.view(-1, *([1] * (g.dim() - 1)))
-        return g
-
-
-def _prepare(alg, hp: Dict[str, Any]) -> None:
-    if hp.get("x_bn_corrected"):
-        BNCorrection(alg)
 HYDRA_BASE = {"score_lr": "scaled", "lr": 0.1}
 
 
@@ -134,9 +96,8 @@ def _config(ctx, variant: str) -> Dict[str, Any]:
 
 
 def _score_grads(ctx, pre: Dict[str, Any], sparsity: float, seed: int, corrected: bool):
-    alg = make_algorithm(ctx, "bip_filter", _model_from(ctx, pre["final"]), sparsity, _config(ctx, "bip"))
-    if corrected:
-        BNCorrection(alg)
+    alg = make_algorithm(ctx, "bip_filter", _model_from(ctx, pre["final"]), sparsity,
+                         _config(ctx, "bip_bn_corrected" if corrected else "bip"))
     model = alg.model.train()
     x, y = next(iter(ctx.data.train_loader(ctx.cfg["batch_size"], seed=1000 * seed + 7, augment=False)))
     torch.nn.functional.cross_entropy(model(x.to(ctx.device)), y.to(ctx.device)).backward()
@@ -148,7 +109,7 @@ def _score_grads(ctx, pre: Dict[str, Any], sparsity: float, seed: int, corrected
 def grad_ratio(ctx, pre: Dict[str, Any], sparsity: float, seed: int) -> Dict[str, Any]:
     """Measurement 1: per conv layer, mean L2 norm of the score gradient per pruned filter over that
     per kept filter, at BiP's first filter mask of the dense model of ``seed`` (and the same with
-    :class:`BNCorrection`)."""
+    ``BiP(bn_correction=True)``)."""
     layers = []
     raw = _score_grads(ctx, pre, sparsity, seed, False)
     fixed = _score_grads(ctx, pre, sparsity, seed, True)
@@ -171,7 +132,7 @@ def run_variant(ctx, variant: str, sparsity: float, seed: int, pre: Dict[str, An
     if hp.get("x_steps"):  # the control: retrain for another method's number of steps
         ctx.steps = dict(steps, omp=steps[hp["x_steps"]])
     try:
-        rec = run_one_shot(ctx, method, sparsity, seed, pre, hp, prepare=_prepare)
+        rec = run_one_shot(ctx, method, sparsity, seed, pre, hp)
     finally:
         ctx.steps = steps
     return dict(rec, variant=variant)

@@ -4,7 +4,9 @@ Methods (``--methods``; ``_structured_runs.METHODS``):
 
 - BiP with removable group masks (``structure="group"``: whole channels of each coupled channel
   group, :func:`bip_fast.attach_groups`) and BiP with the paper's per-layer filter masks
-  (``structure="filter"``);
+  (``structure="filter"``), the latter also with a pruned filter's score gradient taken as its
+  BatchNorm would normalise it switched on (``bip_filter_bn``: ``BiP(bn_correction=True)``; why:
+  benchmarks/filter_deficit.py);
 - IMP-F: ``bip_fast.IMP(structure="filter")``, iterative filter pruning with rewinding; each round
   removes ~20% of each layer's remaining filters by the L2 norm of their weights, rewinds to step
   round(3/160·D) of the dense run and retrains D steps; the rounds' rates land on the targets

@@ -324,6 +324,9 @@ class RunConfig:
                 raise ValueError(f"{name}: expected a non-negative number, got {v!r}")
         if not (math.isfinite(p.mask_freeze) and 0.0 <= p.mask_freeze < 1.0):
             raise ValueError(f"mask_freeze: expected a fraction in [0, 1), got {p.mask_freeze!r}")
+        if p.bn_correction and (p.method != "bip" or p.variant != "paper"):
+            raise ValueError(f"bn_correction: applies to --method bip with --variant paper, got --method {p.method} "
+                             f"--variant {p.variant}")
         if p.mask_freeze and (p.method != "bip" or p.variant != "paper"):
             raise ValueError(f"mask_freeze: applies to --method bip with --variant paper, got --method {p.method} "
                              f"--variant {p.variant}")

@@ -127,6 +127,9 @@ class PruneHparams:
     gamma: float = _f(1.0, "BiP gamma: the implicit-gradient term is scaled by 1/gamma")
     lr2: float = _f(1e-4, "official BiP variant: implicit-gradient coefficient")
     score_init: str = _f("magnitude", "BiP score init: magnitude or hydra")
+    bn_correction: bool = _f(False, "BiP (paper variant): scale a pruned filter's score gradient by sqrt(eps / (var + "
+                                    "eps)) of its switched-on output where a BatchNorm reads it (undoes BatchNorm's "
+                                    "1/sqrt(eps) on the zero channel; docs/results.md)")
     mask_freeze: float = _f(0.0, "BiP (paper variant): keep the mask fixed for this last fraction of the schedule, "
                                  "training the weights only (0: the mask moves at every step)", metavar="FRACTION")
     imp_rate: float = _f(0.2, "IMP: fraction of remaining weights pruned per round; the last round prunes less "

@@ -22,7 +22,7 @@ from .modules import (
     MaskedLinear,
     MaskedMultiheadAttention,
 )
-from .outputs import output_layers
+from .outputs import norms_after, output_layers
 from .norm import MASKED_NORM_TYPES, MaskedBatchNorm1d, MaskedBatchNorm2d, MaskedBatchNorm3d, MaskedSyncBatchNorm, to_sync_norms
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "MaskedConvTranspose3d",
     "MaskedLinear",
     "MaskedMultiheadAttention",
+    "norms_after",
     "MaskedBatchNorm1d",
     "MaskedBatchNorm2d",
     "MaskedBatchNorm3d",

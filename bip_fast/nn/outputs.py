@@ -15,7 +15,7 @@ cannot trace (control flow on tensor values) raises ValueError naming the reason
 
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List
 
 import torch.fx as fx
 from torch import nn
@@ -23,7 +23,7 @@ from torch import nn
 from .modules import MASKED_OF, MASKED_TYPES
 from .norm import MASKED_NORM_TYPES
 
-__all__ = ["output_layers"]
+__all__ = ["output_layers", "norms_after"]
 
 # layers whose output rows are weights of their own: where the walk back from the output stops
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.MultiheadAttention)
@@ -38,6 +38,34 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, module_qualified_name)
 
 
+def _trace(model: nn.Module) -> fx.Graph:
+    try:
+        return _Tracer().trace(model)
+    except Exception as e:  # any error of symbolic tracing through arbitrary user code
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(f"model: torch.fx cannot trace {type(model).__name__}.forward "
+                         f"({type(e).__name__}: {detail})") from None
+
+
+def norms_after(model: nn.Module) -> Dict[str, str]:
+    """{conv layer: the BatchNorm that alone reads its output} for every conv layer of ``model``
+    (plain or masked) whose output goes to one BatchNorm and nowhere else, by the same trace as
+    :func:`output_layers`. Raises ValueError when torch.fx cannot trace the forward."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    graph = _trace(model)
+    modules = dict(model.named_modules())
+    out: Dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.conv._ConvNd):
+            continue
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and \
+                isinstance(modules.get(users[0].target), nn.modules.batchnorm._BatchNorm):
+            out[node.target] = users[0].target
+    return out
+
+
 def output_layers(model: nn.Module) -> List[str]:
     """Names (registration order) of the conv / linear / attention layers of ``model`` whose output
     reaches the model's output through no other such layer: a classifier's name, ``[""]`` when
@@ -46,12 +74,7 @@ def output_layers(model: nn.Module) -> List[str]:
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if isinstance(model, _WEIGHTED):
         return [""]
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # any error of symbolic tracing through arbitrary user code
-        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise ValueError(f"model: torch.fx cannot trace {type(model).__name__}.forward "
-                         f"({type(e).__name__}: {detail})") from None
+    graph = _trace(model)
     modules = dict(model.named_modules())
     found, seen = set(), set()
     stack = [n for n in graph.nodes if n.op == "output"]

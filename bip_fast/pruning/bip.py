@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from ._bn_correction import attach_bn_correction
 from .base import Algorithm, SGDGroup, _project_into
 from ._validate import Batch, _check_choice, _check_number, _check_structure, check_target
 
@@ -82,6 +83,8 @@ def _add_upper(out: Dict[str, torch.Tensor], up: Dict[str, torch.Tensor]) -> Non
 
 
 SCHEDULES = ("alternating", "fused")
+_BEFORE = {"mask_freeze": 0.0, "bn_correction": False}  # what a checkpoint made before the option meant
+
 VARIANTS = ("paper", "official")
 SCORE_INITS = ("magnitude", "hydra")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -167,6 +170,12 @@ class BiP(Algorithm):
     coupled groups ranked together by score mass per unit of cost after every score update
     (:mod:`bip_fast.masks.budget`); exactly one of the three.
 
+    ``bn_correction=True`` (paper variant): the score gradient of every filter that keeps no weight
+    and feeds a BatchNorm is multiplied by sqrt(eps / (σ² + eps)), σ² the batch variance that
+    filter's output would have switched on (:mod:`bip_fast.pruning._bn_correction`): the zero
+    channel a pruned filter outputs is normalised by sqrt(eps), which inflates its straight-through
+    gradient by about σ/sqrt(eps). Default False (the paper's update).
+
     ``mask_freeze=f`` (paper variant, with ``total_steps``): the last fraction ``f`` of the schedule
     keeps the mask fixed and trains θ only (the lower level: one forward/backward per step), so the
     filters or weights the mask settles on are trained before the end (0.0, the paper's: the mask
@@ -200,6 +209,7 @@ class BiP(Algorithm):
         total_steps: Optional[int] = None,
         score_init: str = "magnitude",
         mask_freeze: float = 0.0,
+        bn_correction: bool = False,
         n: int = 2,
         m: int = 4,
         loss_fn=None,
@@ -234,8 +244,15 @@ class BiP(Algorithm):
         # Global projection reuses the radix histogram computed by the score update's launch.
         self._hist = structure == "global"
 
+        if not isinstance(bn_correction, bool):
+            raise TypeError(f"bn_correction: expected a bool, got {type(bn_correction).__name__}")
+        if bn_correction and variant != "paper":
+            raise ValueError("bn_correction: applies to variant='paper' (the official variant's score is the weight)")
+        self.bn_correction = bn_correction
         if variant == "paper":
             init_scores(self.modules, score_init)
+            if bn_correction:
+                self._bn_hooks = attach_bn_correction(self)
             ig = 0.0 if math.isinf(self.gamma) else 1.0 / self.gamma
             # Under data parallelism the IG term must use the rank-averaged gradient: the
             # square of the mean, not the mean of per-rank squares. Then the kernel computes
@@ -310,6 +327,12 @@ class BiP(Algorithm):
         self.global_step += 1
         return out
 
+    def remove_hooks(self) -> None:
+        """Take ``bn_correction``'s hooks off the model (they hold no state worth saving)."""
+        if getattr(self, "_bn_hooks", None) is not None:
+            self._bn_hooks.remove()
+            self._bn_hooks = None
+
     def mask_frozen(self) -> bool:
         """Whether the next step keeps the mask fixed: the last ``mask_freeze`` of ``total_steps``
         (from step ``round((1 - mask_freeze) * total_steps)`` on) trains θ only, one forward/backward
@@ -383,11 +406,12 @@ class BiP(Algorithm):
     def _extra_state(self) -> Dict[str, object]:
         return {"variant": self.variant, "schedule": self.schedule, "structure": self.structure,
                 "sparsity": self.sparsity_target, "budget": None if self.budget is None else str(self.budget),
-                "mask_freeze": self.mask_freeze}
+                "mask_freeze": self.mask_freeze, "bn_correction": self.bn_correction}
 
     def _load_extra_state(self, sd: Dict[str, object]) -> None:
         budget = None if self.budget is None else str(self.budget)
         for k, mine in (("variant", self.variant), ("schedule", self.schedule), ("structure", self.structure),
-                        ("sparsity", self.sparsity_target), ("budget", budget), ("mask_freeze", self.mask_freeze)):
-            if sd.get(k, 0.0 if k == "mask_freeze" else None) != mine:  # mask_freeze: 0.0 before it existed
+                        ("sparsity", self.sparsity_target), ("budget", budget), ("mask_freeze", self.mask_freeze),
+                        ("bn_correction", self.bn_correction)):
+            if sd.get(k, _BEFORE.get(k)) != mine:  # keys newer than a checkpoint: their value before they existed
                 raise ValueError(f"state_dict: {k}={sd.get(k)!r} does not match this BiP's {k}={mine!r}")
