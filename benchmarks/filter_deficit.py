@@ -264,7 +264,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         f.write(md + "\n")
     codes = {(r.get("code") or ctx.code).get("commit", "unknown") for rs in runs.values() for r in rs}
     again = (f"python benchmarks/filter_deficit.py --resume --data-dir {args.data_dir or '$BIP_FAST_DATA'}"
-             + ("" if args.max_minutes is None else f" --max-minutes {args.max_minutes:g}"))
+             + ("" if args.max_minutes is None else f" --max-minutes {args.max_minutes:g}")
+             + ("" if args.variants == p.get_default("variants") else f" --variants {args.variants}")
+             + ("" if args.out == p.get_default("out") else f" --out {args.out}")
+             + ("" if args.seeds == 3 else f" --seeds {args.seeds}"))
     C.write_json(os.path.join(args.out, "filter_deficit.json"), benchmark="filter_deficit", env=env,
                  config=dict(cfg, sparsity=args.sparsity, variants={v: VARIANTS[v] for v in variants}, steps=ctx.steps,
                              device=str(device)),

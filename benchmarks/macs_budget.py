@@ -298,7 +298,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         f.write(md + "\n")
     codes = sorted({(r.get("code") or ctx.code).get("commit", "unknown") for r in records})
     again = (f"python benchmarks/macs_budget.py --resume --data-dir {args.data_dir or '$BIP_FAST_DATA'}"
-             + ("" if args.max_minutes is None else f" --max-minutes {args.max_minutes:g}"))
+             + ("" if args.max_minutes is None else f" --max-minutes {args.max_minutes:g}")
+             + ("" if targets == list(TARGETS) else f" --targets {args.targets}")
+             + ("" if methods == list(METHODS) else f" --methods {args.methods}")
+             + ("" if args.seeds == 3 else f" --seeds {args.seeds}"))
     path = os.path.join(args.out, "macs_budget.json")
     C.write_json(path, benchmark="macs_budget", env=env,
                  config=dict(cfg, targets=targets, methods={m: METHODS[m] for m in methods}, steps=ctx.steps,

@@ -17,6 +17,7 @@ def test_filter_deficit_quick(tmp_path):
     assert fd.main(argv) == 0
     doc = json.loads((out / "filter_deficit.json").read_text())
     assert doc["complete"] is True and doc["provenance"]["commit"]
+    assert "--variants bip,bip_freeze50" in doc["continue_command"] and f"--out {out}" in doc["continue_command"]
     rows = {r["variant"]: r for r in doc["summary"]}
     assert set(rows) == {"bip", "bip_freeze50", "bip_bn_corrected", "l1", "l1_lr0.2", "l1_bip_steps"}
     # the control retrains for BiP's steps and is never chosen

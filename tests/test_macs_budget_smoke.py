@@ -30,6 +30,7 @@ def test_macs_budget_quick(tmp_path):
     assert "paired_vs_tp" in rows["omp_uniform"] and "paired_vs_tp" not in rows["tp_magnitude"]
     assert 0.0 < doc["config"]["uniform_sparsity"]["0.5"] < 1.0
     assert "| 0.5 | omp_macs |" in (out / "macs_budget.md").read_text()
+    assert "--targets 0.5 --methods omp_uniform,omp_macs,tp_magnitude" in doc["continue_command"]
     mtime = {p.name: p.stat().st_mtime for p in (out / "runs").iterdir()}
     assert mb.main(argv + ["--resume"]) == 0
     assert {p.name: p.stat().st_mtime for p in (out / "runs").iterdir()} == mtime
