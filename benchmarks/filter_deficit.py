@@ -184,7 +184,13 @@ def verdict(rows: List[Dict[str, Any]], runs: Dict[str, List[Dict[str, Any]]]) -
             "within_l1_std": None if std is None else abs(b["test_acc"] - l1["test_acc"]) <= std,
             "paired_chosen_bip_vs_l1": paired(paired_diff(by_seed(runs[b["variant"]], "test_acc"),
                                                           by_seed(runs[l1["variant"]], "test_acc"))),
-            "paired_base_bip_vs_l1": paired(paired_diff(by_seed(runs["bip"], "test_acc"), by_seed(runs["l1"], "test_acc")))}
+            "paired_base_bip_vs_l1": paired(paired_diff(by_seed(runs["bip"], "test_acc"), by_seed(runs["l1"], "test_acc"))),
+            # the control: how much of the gap is L1-norm's longer retraining
+            **({} if not runs.get("l1_bip_steps") else {
+                "paired_l1_bip_steps_vs_l1": paired(paired_diff(by_seed(runs["l1_bip_steps"], "test_acc"),
+                                                                by_seed(runs["l1"], "test_acc"))),
+                "paired_chosen_bip_vs_l1_bip_steps": paired(paired_diff(by_seed(runs[b["variant"]], "test_acc"),
+                                                                        by_seed(runs["l1_bip_steps"], "test_acc")))})}
 
 
 def table(rows: List[Dict[str, Any]], grads: List[Dict[str, Any]]) -> str:
@@ -258,6 +264,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                f"L1-norm {decided['l1_choice']} {100 * decided['l1_test_acc']:.2f}% test; paired BiP - L1 "
                f"{p_['mean']:+.2f} points" + ("" if p_.get("ci95") is None else
                                               f" [{p_['ci95'][0]:+.2f}, {p_['ci95'][1]:+.2f}] ({p_['verdict']})"))
+        for key, what in (("paired_l1_bip_steps_vs_l1", "control: L1-norm retrained for BiP's steps - L1-norm"),
+                          ("paired_chosen_bip_vs_l1_bip_steps", "chosen BiP - L1-norm retrained for BiP's steps")):
+            q = decided.get(key)
+            if q:
+                md += f"\n{what}: {q['mean']:+.2f} points" + ("" if q.get("ci95") is None else
+                                                             f" [{q['ci95'][0]:+.2f}, {q['ci95'][1]:+.2f}]")
     print(md)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "filter_deficit.md"), "w") as f:

@@ -27,6 +27,7 @@ def test_filter_deficit_quick(tmp_path):
     assert v["bip_choice"] in ("bip", "bip_freeze50", "bip_bn_corrected") and v["l1_choice"] in ("l1", "l1_lr0.2")
     assert rows[v["bip_choice"]]["val_acc"] == best["val_acc"]
     assert v["paired_base_bip_vs_l1"]["n"] == 1
+    assert v["paired_l1_bip_steps_vs_l1"]["n"] == 1 and "chosen BiP - L1-norm retrained" in (out / "filter_deficit.md").read_text()
     for v, r in rows.items():
         assert r["seeds"] == [0] and 0.0 <= r["val_acc"] <= 1.0
         assert abs(r["filter_sparsity"] - 0.8) <= 0.01
