@@ -104,8 +104,9 @@ def uniform_sparsity(ctx, target: float) -> float:
     return _bisect(at, target)
 
 
-def tp_prune(model: torch.nn.Module, ex: torch.Tensor, target: float):
-    """Torch-Pruning's magnitude pruner at the smallest global ratio meeting ``target`` MACs."""
+def tp_prune(model: torch.nn.Module, ex: torch.Tensor, target: float, ratio: Optional[float] = None):
+    """Torch-Pruning's magnitude pruner at the smallest global ratio meeting ``target`` MACs
+    (``ratio``: that ratio, found before for the same weights: no bisection)."""
     import torch_pruning as tp
 
     dense_macs = count_macs(model.eval(), ex[:1])
@@ -119,7 +120,8 @@ def tp_prune(model: torch.nn.Module, ex: torch.Tensor, target: float):
         pr.step()
         return m
 
-    ratio = _bisect(lambda r: _macs_ratio(pruned(r), ex, dense_macs), target, hi=TP_MAX_RATIO)
+    if ratio is None:
+        ratio = _bisect(lambda r: _macs_ratio(pruned(r), ex, dense_macs), target, hi=TP_MAX_RATIO)
     return pruned(ratio), ratio
 
 
@@ -128,7 +130,8 @@ def make_algorithm(ctx, method: str, pre: Dict[str, Any], target: float, hp: Dic
     st, ex = ctx.steps, example_input(ctx).to(ctx.device)
     model = _model_from(ctx, pre["final"])
     if algo == "tp":
-        plain, ctx.tp_ratio[(pre["seed"], target)] = tp_prune(bip_fast.finalize(model).cpu(), ex.cpu(), target)
+        key = (pre["seed"], target)  # the warm-up and the run prune the same weights: bisect once
+        plain, ctx.tp_ratio[key] = tp_prune(bip_fast.finalize(model).cpu(), ex.cpu(), target, ctx.tp_ratio.get(key))
         return bip_fast.Dense(plain.to(ctx.device).train(), lr=hp["lr"], weight_decay=hp["weight_decay"], momentum=0.9,
                               total_steps=st["omp"])
     bip_fast.attach_groups(model, ex)

@@ -71,6 +71,10 @@ def test_training_with_the_correction_keeps_exact_k():
         for name, m in zip(alg.module_names, alg.modules):
             if name != "linear":
                 assert int(m.mask.flatten(1).any(dim=1).sum()) == max(1, round(0.2 * m.mask.shape[0]))
+    assert alg._bn_hooks.inputs == {}  # every backward used and released its layer's input
+    with torch.no_grad():
+        alg.model.eval()(x)
+    assert alg._bn_hooks.inputs == {}  # an evaluation has no backward: nothing kept
     alg.remove_hooks()
     assert alg._bn_hooks is None
 

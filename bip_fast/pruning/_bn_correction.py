@@ -43,9 +43,14 @@ class BNCorrection:
                 continue
             bn = model.get_submodule(after[name])
             self.layers.append(name)
-            self.handles.append(mod.register_forward_pre_hook(
-                lambda m, args, n=name: self.inputs.__setitem__(n, args[0].detach())))
+            self.handles.append(mod.register_forward_pre_hook(lambda m, args, n=name: self._keep(n, args[0])))
             self.handles.append(mod.scores.register_hook(lambda g, m=mod, n=name, b=bn: self._scale(g, m, n, b)))
+
+    def _keep(self, name: str, x: torch.Tensor) -> None:
+        """The layer's input, for the backward of this pass; a forward without gradients (evaluation)
+        has no backward, so it keeps nothing."""
+        if torch.is_grad_enabled():
+            self.inputs[name] = x.detach()
 
     def _scale(self, g: torch.Tensor, mod: nn.Conv2d, name: str, bn: nn.Module) -> torch.Tensor:
         x = self.inputs.pop(name, None)  # this pass's input, released once used
