@@ -110,19 +110,26 @@ def test_untraceable_model_warns_and_runs():
     alg.step((x, torch.tensor([0, 1])))
 
 
-def test_cli_flag():
+def plan_and_algorithm(**options):
+    """The plan text and the built algorithm of a one-epoch CLI config for BiP on ResNet-8 with
+    ``options`` (also used by test_unit_scores)."""
     from bip_fast.engine import plan_segments
     from bip_fast.engine.plan import describe_plan
     from bip_fast.engine.setup import build_algorithm
     from test_loop import config
 
-    cfg = config("x", method="bip", pretrained="p", epochs=1, structure="filter", bn_correction=True,
-                 score_lr=1.0).resolved()
+    cfg = config("x", method="bip", pretrained="p", epochs=1, score_lr=1.0, **options).resolved()
     segs = plan_segments(cfg)
-    assert "BatchNorm-corrected filter scores" in describe_plan(cfg, segs, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        alg = build_algorithm(segs[-1], cfg, CifarResNet(8), 2, lambda mod: mod)
+        return describe_plan(cfg, segs, 2), build_algorithm(segs[-1], cfg, CifarResNet(8), 2, lambda mod: mod)
+
+
+def test_cli_flag():
+    from test_loop import config
+
+    plan, alg = plan_and_algorithm(structure="filter", bn_correction=True)
+    assert "BatchNorm-corrected filter scores" in plan
     assert alg.bn_correction and len(alg._bn_hooks.layers) == 7
     with pytest.raises(ValueError, match="--method bip"):
         config("x", method="omp", bn_correction=True).resolved()

@@ -12,19 +12,19 @@ def test_filter_deficit_quick(tmp_path):
     data_dir = _data_dir_or_skip()
     out = tmp_path / "out"
     argv = ["--quick", "--data-dir", data_dir, "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-            "--variants", "bip,bip_freeze50,bip_bn_corrected,l1,l1_lr0.2,l1_bip_steps"]
+            "--variants", "bip,bip_freeze50,bip_bn_corrected,bip_unit_scores,l1,l1_lr0.2,l1_bip_steps"]
     fd = _load("filter_deficit")
     assert fd.main(argv) == 0
     doc = json.loads((out / "filter_deficit.json").read_text())
     assert doc["complete"] is True and doc["provenance"]["commit"]
     assert "--variants bip,bip_freeze50" in doc["continue_command"] and f"--out {out}" in doc["continue_command"]
     rows = {r["variant"]: r for r in doc["summary"]}
-    assert set(rows) == {"bip", "bip_freeze50", "bip_bn_corrected", "l1", "l1_lr0.2", "l1_bip_steps"}
+    assert set(rows) == {"bip", "bip_freeze50", "bip_bn_corrected", "bip_unit_scores", "l1", "l1_lr0.2", "l1_bip_steps"}
     # the control retrains for BiP's steps and is never chosen
     assert doc["runs"]["l1_bip_steps"][0]["steps"] == doc["runs"]["bip"][0]["steps"] != doc["runs"]["l1"][0]["steps"]
     v = doc["verdict"]
     best = max((r for r in rows.values() if r["method"] == "bip_filter"), key=lambda r: r["val_acc"])
-    assert v["bip_choice"] in ("bip", "bip_freeze50", "bip_bn_corrected") and v["l1_choice"] in ("l1", "l1_lr0.2")
+    assert v["bip_choice"] in ("bip", "bip_freeze50", "bip_bn_corrected", "bip_unit_scores") and v["l1_choice"] in ("l1", "l1_lr0.2")
     assert rows[v["bip_choice"]]["val_acc"] == best["val_acc"]
     assert v["paired_base_bip_vs_l1"]["n"] == 1
     assert v["paired_l1_bip_steps_vs_l1"]["n"] == 1 and "chosen BiP - L1-norm retrained" in (out / "filter_deficit.md").read_text()
@@ -33,6 +33,8 @@ def test_filter_deficit_quick(tmp_path):
         assert abs(r["filter_sparsity"] - 0.8) <= 0.01
         assert (r["paired_test_vs_bip"] is None) == (v == "bip")
     assert rows["bip_freeze50"]["hparams"]["mask_freeze"] == 0.5
+    assert rows["bip_unit_scores"]["hparams"]["unit_scores"] is True
+    assert "(4 BiP, 2 L1-norm)" in doc["verdict"]["rule"]  # the control is not a try
     # a frozen mask does not move in the second half; OMP-style L1 pruning never moves
     assert rows["bip_freeze50"]["flips_per_tenth"][-1] == 0.0
     assert all(f == 0.0 for f in rows["l1"]["flips_per_tenth"])

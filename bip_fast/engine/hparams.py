@@ -327,6 +327,9 @@ class RunConfig:
         if p.bn_correction and (p.method != "bip" or p.variant != "paper"):
             raise ValueError(f"bn_correction: applies to --method bip with --variant paper, got --method {p.method} "
                              f"--variant {p.variant}")
+        if p.unit_scores and (p.method != "bip" or p.variant != "paper" or p.structure not in ("filter", "channel")):
+            raise ValueError(f"unit_scores: applies to --method bip with --variant paper and --structure filter or "
+                             f"channel, got --method {p.method} --variant {p.variant} --structure {p.structure}")
         if p.mask_freeze and (p.method != "bip" or p.variant != "paper"):
             raise ValueError(f"mask_freeze: applies to --method bip with --variant paper, got --method {p.method} "
                              f"--variant {p.variant}")

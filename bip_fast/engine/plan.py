@@ -142,6 +142,7 @@ def describe_plan(cfg: RunConfig, segments: List[Segment], steps_per_epoch: int,
         elif seg.kind == "bip":
             frozen = (f", mask fixed for the last {p.mask_freeze:g} of it (weights only)" if p.mask_freeze else "")
             frozen += ", BatchNorm-corrected filter scores" if p.bn_correction else ""
+            frozen += f", one score per {p.structure}" if p.unit_scores else ""
             parts.append(f"bip {shape}{_score_lr_text(cfg, seg.epochs * spe)}{frozen}")
         elif seg.name == "hydra_prune":
             parts.append(f"hydra score phase {shape}, score lr {p.score_lr:g}")

@@ -130,6 +130,8 @@ class PruneHparams:
     bn_correction: bool = _f(False, "BiP (paper variant): scale a pruned filter's score gradient by sqrt(eps / (var + "
                                     "eps)) of its switched-on output where a BatchNorm reads it (undoes BatchNorm's "
                                     "1/sqrt(eps) on the zero channel; docs/results.md)")
+    unit_scores: bool = _f(False, "BiP (paper variant, --structure filter or channel): one shared score per filter "
+                                  "(channel), moved by the mean of its weights' score gradients")
     mask_freeze: float = _f(0.0, "BiP (paper variant): keep the mask fixed for this last fraction of the schedule, "
                                  "training the weights only (0: the mask moves at every step)", metavar="FRACTION")
     imp_rate: float = _f(0.2, "IMP: fraction of remaining weights pruned per round; the last round prunes less "

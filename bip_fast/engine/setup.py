@@ -153,7 +153,8 @@ def build_algorithm(seg, cfg: RunConfig, model: nn.Module, steps_per_epoch: int,
             model, **goal, structure=p.structure, schedule=p.schedule, variant=p.variant,
             lr=t.lr, score_lr=resolved_score_lr(cfg, total), weight_decay=t.weight_decay,
             score_weight_decay=p.score_weight_decay, gamma=p.gamma, lr2=p.lr2, score_init=p.score_init,
-            mask_freeze=p.mask_freeze, bn_correction=p.bn_correction, n=p.nm_n, m=p.nm_m, **common, **sel)
+            mask_freeze=p.mask_freeze, bn_correction=p.bn_correction, unit_scores=p.unit_scores,
+            n=p.nm_n, m=p.nm_m, **common, **sel)
     if seg.kind == "omp":
         return get_algorithm("omp")(model, **goal, structure=p.structure, lr=t.lr,
                                     weight_decay=t.weight_decay, n=p.nm_n, m=p.nm_m, **common, **sel)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._bn_correction import attach_bn_correction
+from ._scores import SCORE_INITS, UNIT_STRUCTURES, UnitScores, init_scores
 from .base import Algorithm, SGDGroup, _project_into
 from ._validate import Batch, _check_choice, _check_number, _check_structure, check_target
 
@@ -83,31 +84,10 @@ def _add_upper(out: Dict[str, torch.Tensor], up: Dict[str, torch.Tensor]) -> Non
 
 
 SCHEDULES = ("alternating", "fused")
-_BEFORE = {"mask_freeze": 0.0, "bn_correction": False}  # what a checkpoint made before the option meant
+_BEFORE = {"mask_freeze": 0.0, "bn_correction": False, "unit_scores": False}  # what a checkpoint made before the option meant
 
 VARIANTS = ("paper", "official")
-SCORE_INITS = ("magnitude", "hydra")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-@torch.no_grad()
-def init_scores(modules, how: str) -> None:
-    """Set each module's scores from its weights.
-
-    ``"magnitude"``: s = |θ| (the projection then starts from global magnitude pruning).
-    ``"hydra"``: Hydra's scaled init, s = sqrt(6 / fan_in) · |θ| / max|θ| per layer, fan_in =
-    in_features or in_channels/groups · kh · kw (each layer's largest score equals the bound of
-    Kaiming-uniform init, so the score scale does not depend on the weight scale).
-    Scores are non-negative either way; the STE's sgn(s) is then +1 until a score crosses 0.
-    """
-    _check_choice(how, "score_init", SCORE_INITS)
-    for m in modules:
-        a = m.weight.detach().abs().to(torch.float32)
-        if how == "hydra":
-            fan_in = m.weight[0].numel()
-            top = a.max()
-            a = a * (math.sqrt(6.0 / fan_in) / torch.where(top > 0, top, torch.ones_like(top)))
-        m.scores.copy_(a)
 
 
 class BiP(Algorithm):
@@ -176,6 +156,10 @@ class BiP(Algorithm):
     channel a pruned filter outputs is normalised by sqrt(eps), which inflates its straight-through
     gradient by about σ/sqrt(eps). Default False (the paper's update).
 
+    ``unit_scores=True`` (paper variant, filter or channel structure): one shared score per filter
+    (channel) instead of one per weight, moved by the mean of its weights' score gradients
+    (:mod:`bip_fast.pruning._scores`). Default False (the paper's per-weight scores).
+
     ``mask_freeze=f`` (paper variant, with ``total_steps``): the last fraction ``f`` of the schedule
     keeps the mask fixed and trains θ only (the lower level: one forward/backward per step), so the
     filters or weights the mask settles on are trained before the end (0.0, the paper's: the mask
@@ -210,6 +194,7 @@ class BiP(Algorithm):
         score_init: str = "magnitude",
         mask_freeze: float = 0.0,
         bn_correction: bool = False,
+        unit_scores: bool = False,
         n: int = 2,
         m: int = 4,
         loss_fn=None,
@@ -233,6 +218,14 @@ class BiP(Algorithm):
         if self.mask_freeze and (variant != "paper" or total_steps is None):
             raise ValueError("mask_freeze: needs variant='paper' and total_steps (the mask is fixed for the last "
                              f"fraction mask_freeze of total_steps), got variant={variant!r}, total_steps={total_steps!r}")
+        for k, on in (("bn_correction", bn_correction), ("unit_scores", unit_scores)):
+            if not isinstance(on, bool):
+                raise TypeError(f"{k}: expected a bool, got {type(on).__name__}")
+            if on and variant != "paper":
+                raise ValueError(f"{k}: applies to variant='paper' (the official variant's score is the weight)")
+        if unit_scores and structure not in UNIT_STRUCTURES:
+            raise ValueError(f"unit_scores: shares one score per filter or channel (structure='filter' or "
+                             f"'channel'), got structure={structure!r}")
         super().__init__(model, total_steps=total_steps, loss_fn=loss_fn, compute_loss=compute_loss,
                          include=include, exclude=exclude, structure=structure)
         if score_lr is None:
@@ -244,13 +237,10 @@ class BiP(Algorithm):
         # Global projection reuses the radix histogram computed by the score update's launch.
         self._hist = structure == "global"
 
-        if not isinstance(bn_correction, bool):
-            raise TypeError(f"bn_correction: expected a bool, got {type(bn_correction).__name__}")
-        if bn_correction and variant != "paper":
-            raise ValueError("bn_correction: applies to variant='paper' (the official variant's score is the weight)")
-        self.bn_correction = bn_correction
+        self.bn_correction, self.unit_scores = bn_correction, unit_scores
         if variant == "paper":
             init_scores(self.modules, score_init)
+            self._units = UnitScores(self.modules, structure) if unit_scores else None
             if bn_correction:
                 self._bn_hooks = attach_bn_correction(self)
             ig = 0.0 if math.isinf(self.gamma) else 1.0 / self.gamma
@@ -328,10 +318,11 @@ class BiP(Algorithm):
         return out
 
     def remove_hooks(self) -> None:
-        """Take ``bn_correction``'s hooks off the model (they hold no state worth saving)."""
-        if getattr(self, "_bn_hooks", None) is not None:
-            self._bn_hooks.remove()
-            self._bn_hooks = None
+        """Take ``bn_correction``'s and ``unit_scores``' hooks off the model (they hold no state worth saving)."""
+        for k in ("_bn_hooks", "_units"):
+            if getattr(self, k, None) is not None:
+                getattr(self, k).remove()
+                setattr(self, k, None)
 
     def mask_frozen(self) -> bool:
         """Whether the next step keeps the mask fixed: the last ``mask_freeze`` of ``total_steps``
@@ -357,6 +348,8 @@ class BiP(Algorithm):
             wg = mod.weight.grad.to(torch.float32)
             sgn = torch.where(mod.scores < 0, -1.0, 1.0)
             mod.scores.grad.sub_((ig * sgn * wg * wg).to(mod.scores.grad.dtype))
+        if getattr(self, "_units", None) is not None:  # the term just added, averaged over each unit too
+            self._units.average()
 
     def _zeros_like(self, params: List[torch.Tensor]) -> List[torch.Tensor]:
         """Zero 'gradients' as views of one shared zero tensor (the authors' zeroed .grad)."""
@@ -406,12 +399,13 @@ class BiP(Algorithm):
     def _extra_state(self) -> Dict[str, object]:
         return {"variant": self.variant, "schedule": self.schedule, "structure": self.structure,
                 "sparsity": self.sparsity_target, "budget": None if self.budget is None else str(self.budget),
-                "mask_freeze": self.mask_freeze, "bn_correction": self.bn_correction}
+                "mask_freeze": self.mask_freeze, "bn_correction": self.bn_correction,
+                "unit_scores": self.unit_scores}
 
     def _load_extra_state(self, sd: Dict[str, object]) -> None:
         budget = None if self.budget is None else str(self.budget)
         for k, mine in (("variant", self.variant), ("schedule", self.schedule), ("structure", self.structure),
                         ("sparsity", self.sparsity_target), ("budget", budget), ("mask_freeze", self.mask_freeze),
-                        ("bn_correction", self.bn_correction)):
+                        ("bn_correction", self.bn_correction), ("unit_scores", self.unit_scores)):
             if sd.get(k, _BEFORE.get(k)) != mine:  # keys newer than a checkpoint: their value before they existed
                 raise ValueError(f"state_dict: {k}={sd.get(k)!r} does not match this BiP's {k}={mine!r}")
