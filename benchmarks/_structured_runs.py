@@ -41,6 +41,9 @@ METHODS: Dict[str, Tuple[str, str, str, Dict[str, Any]]] = {
     # BiP with a pruned filter's score gradient taken as BatchNorm would normalise it switched on
     # (BiP(bn_correction=True); benchmarks/filter_deficit.py measured why)
     "bip_filter_bn": ("bip", "filter", "bip_alternating", {"bn_correction": True}),
+    # ... and with one shared score per filter too (BiP(unit_scores=True)): the best BiP on
+    # validation in benchmarks/results/filter-deficit-cpu-unit/
+    "bip_filter_unit_bn": ("bip", "filter", "bip_alternating", {"bn_correction": True, "unit_scores": True}),
     "imp_filter": ("imp", "filter", "imp", {}),
     "omp_filter": ("omp", "filter", "omp", {}),
     "hydra_filter": ("hydra", "filter", "hydra", {}),
@@ -51,9 +54,10 @@ METHODS: Dict[str, Tuple[str, str, str, Dict[str, Any]]] = {
     "hydra_group": ("hydra", "group", "hydra", {}),
     "l1_group": ("omp", "group", "omp", {"filter_norm": "l1"}),
 }
-DEFAULT_METHODS = ("bip_group", "bip_filter", "bip_filter_bn", "imp_filter", "omp_filter", "hydra_filter", "l1_filter")
+DEFAULT_METHODS = ("bip_group", "bip_filter", "bip_filter_unit_bn", "imp_filter", "omp_filter", "hydra_filter", "l1_filter")
 LABELS = {"bip_group": "BiP (group masks)", "bip_filter": "BiP (filter masks)",
-          "bip_filter_bn": "BiP (filter masks, BatchNorm-corrected scores)", "imp_filter": "IMP-F",
+          "bip_filter_bn": "BiP (filter masks, BatchNorm-corrected scores)",
+          "bip_filter_unit_bn": "BiP (filter masks, one BatchNorm-corrected score per filter)", "imp_filter": "IMP-F",
           "omp_filter": "OMP-F", "hydra_filter": "Hydra (filter)", "l1_filter": "L1-norm filter",
           "imp_group": "IMP (group masks)", "omp_group": "OMP (group masks)", "hydra_group": "Hydra (group masks)",
           "l1_group": "L1-norm (group masks)"}

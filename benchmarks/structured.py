@@ -4,9 +4,10 @@ Methods (``--methods``; ``_structured_runs.METHODS``):
 
 - BiP with removable group masks (``structure="group"``: whole channels of each coupled channel
   group, :func:`bip_fast.attach_groups`) and BiP with the paper's per-layer filter masks
-  (``structure="filter"``), the latter also with a pruned filter's score gradient taken as its
-  BatchNorm would normalise it switched on (``bip_filter_bn``: ``BiP(bn_correction=True)``; why:
-  benchmarks/filter_deficit.py);
+  (``structure="filter"``), the latter also with the two remedies benchmarks/filter_deficit.py
+  found for its deficit at 80%: one shared score per filter whose gradient is taken as its
+  BatchNorm would normalise it switched on (``bip_filter_unit_bn``: ``BiP(unit_scores=True,
+  bn_correction=True)``; ``bip_filter_bn``, the correction alone, is optional);
 - IMP-F: ``bip_fast.IMP(structure="filter")``, iterative filter pruning with rewinding; each round
   removes ~20% of each layer's remaining filters by the L2 norm of their weights, rewinds to step
   round(3/160·D) of the dense run and retrains D steps; the rounds' rates land on the targets
@@ -26,7 +27,7 @@ by different numbers of layers (ResNet-8's channel-padding shortcuts merge its t
 one 64-channel group).
 
 Regime: the "cpu" preset of benchmarks/speedup.py (ResNet-8, 4,000 CIFAR-10 training images, a
-1,000-image class-balanced validation split held out of the other training images, no
+5,000-image class-balanced validation split held out of the other training images, no
 augmentation, batch 128, 18 dense epochs = D = 558 steps, cosine schedules, the paper's schedule
 proportions), 3 seeds, each from its own dense run (cached like speedup.py's, by config hash).
 Hyper-parameters (``--tune``): ``grid`` (default) runs the grids of benchmarks/speedup.py (4
