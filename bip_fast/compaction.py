@@ -37,7 +37,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -228,7 +228,8 @@ def compact(model: nn.Module, example_inputs, *, check: bool = True, rtol: float
     return (plain, report) if return_report else plain
 
 
-def export_compact(model: nn.Module, example_inputs, path, *, check: bool = True) -> Dict[str, object]:
+def export_compact(model: nn.Module, example_inputs, path, *, check: bool = True,
+                   compacted: Optional[Tuple[nn.Module, "CompactReport"]] = None) -> Dict[str, object]:
     """:func:`compact` ``model`` and write it with ``torch.export`` (a ``.pt2`` file: graph and
     weights, the batch dimension dynamic), which loads without bip_fast::
 
@@ -236,8 +237,11 @@ def export_compact(model: nn.Module, example_inputs, path, *, check: bool = True
 
     ``example_inputs``: a tensor, or a tuple of tensors, with a batch dimension of at least 2
     (torch.export specialises a size-1 dimension). Returns the file, the parameter counts and the
-    channel counts of :class:`CompactReport` (removed, left as zeros)."""
-    small, report = compact(model, example_inputs, check=check, return_report=True)
+    channel counts of :class:`CompactReport` (removed, left as zeros). ``compacted``: the
+    ``(model, report)`` that ``compact(model, example_inputs, return_report=True)`` already made,
+    written as it is instead of compacting again."""
+    small, report = compacted if compacted is not None else compact(model, example_inputs, check=check,
+                                                                    return_report=True)
     small.eval()
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)

@@ -276,3 +276,30 @@ def test_onnx_latency_helper_rows(ort):
     for r in rows:
         assert r["dense_ms"] > 0 and r["compact_ms"] > 0 and r["latency_ratio"] == r["compact_ms"] / r["dense_ms"]
         assert r["threads"] == 2 and r["dense_diff"] <= 1e-3 and r["compact_diff"] <= 1e-3
+
+
+def test_cli_export_compact_onnx_compacts_once(ort, monkeypatch, capsys, tmp_path):
+    """``export --compact --onnx`` compacts the model once; the .pt2 and the ONNX file are the same
+    compacted model (same parameter count as a fresh ``compact``)."""
+    from bip_fast.cli import main
+    from bip_fast.engine import evaluation
+
+    x = torch.randn(2, 3, 32, 32)
+    masked = group_pruned(lambda: build("resnet20"), x)
+    torch.save(masked.state_dict(), tmp_path / "model.pt")
+    from bip_fast import compaction
+
+    calls = []
+    real = compaction.compact
+    counted = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(evaluation, "compact_model", counted)  # the export's own name for it
+    monkeypatch.setattr(compaction, "compact", counted)  # what export_compact calls
+    code = main(["export", "--checkpoint", str(tmp_path / "model.pt"), "--arch", "resnet20", "--out",
+                 str(tmp_path / "exp"), "--compact", "--onnx", "--device", "cpu"])
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and len(calls) == 1
+    small = torch.export.load(rep["compact"]).module()
+    assert rep["compact_params"] == sum(p.numel() for p in bip_fast.compact(masked.eval(), x).parameters())
+    x3 = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        close(ort_run(ort, rep["onnx"], x3), [small(x3)])

@@ -110,11 +110,12 @@ def export_checkpoint(cfg: RunConfig, num_classes: Optional[int] = None, compact
     model = load_model(cfg.checkpoint, cfg, num_classes)
     if not masked_modules(model):
         model = sparsify(model)  # a dense model: all-True masks
-    onnx_file = None
+    onnx_file = small = None
+    ex = example_input(cfg.data.dataset)
     if onnx:  # a missing package or a model the exporter cannot take: refused before anything is written
         require_onnx()
-        ex = example_input(cfg.data.dataset)
-        target = compact_model(model.cpu().eval(), ex) if compact else model.cpu().eval()
+        small = compact_model(model.cpu().eval(), ex, return_report=True) if compact else None
+        target = small[0] if compact else model.cpu().eval()
         onnx_file = ("model_compact.onnx" if compact else "model.onnx",) + onnx_bytes(target, ex)
     out.mkdir(parents=True, exist_ok=True)
     save_masks(model, out / "masks.pt")
@@ -122,7 +123,7 @@ def export_checkpoint(cfg: RunConfig, num_classes: Optional[int] = None, compact
     ckpt.save_atomic(cpu_state(plain), out / "model_dense_format.pt")
     rep = {"model": str(out / "model_dense_format.pt"), "masks": str(out / "masks.pt")}
     if compact:
-        done = export_compact(model.cpu().eval(), example_input(cfg.data.dataset), out / "model_compact.pt2")
+        done = export_compact(model.cpu().eval(), ex, out / "model_compact.pt2", compacted=small)  # compacted once
         rep.update(compact=done["path"], compact_params=done["params"], params=done["masked_params"])
     if onnx_file is not None:
         name, data, info = onnx_file
