@@ -274,3 +274,29 @@ def test_sync_norms_keep_channel_masks():
     assert type(plain[1]) is nn.SyncBatchNorm
     baked = m.bn_b.to_plain()
     assert type(baked) is nn.SyncBatchNorm and (baked.weight[~mask] == 0).all()
+
+
+def test_removed_group_channels_get_no_score_gradient():
+    """A limitation the docs state (docs/results.md): under group masks a removed channel's producer
+    filter, its BatchNorm scale and shift and its consumers' input columns are all masked, so the
+    first-order effect of switching the channel on is 0 and every score of it gets exactly zero
+    gradient: BiP's group mask changes only where kept channels' scores fall below removed ones."""
+    torch.manual_seed(0)
+    model = build("resnet20")
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    bip_fast.attach_groups(model, x[:2])
+    alg = bip_fast.BiP(model, 0.5, structure="group", score_lr=1.0)
+    with torch.no_grad():
+        for mod in alg.model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.bias.normal_(0.1, 0.1)  # shifts > 0: a kept channel passes its ReLU
+    nn.functional.cross_entropy(alg.model.train()(x), y).backward()
+    removed = kept_nonzero = 0
+    for mod in alg.modules:
+        if isinstance(mod, nn.Conv2d):
+            off = ~mod.mask.flatten(1).any(dim=1)
+            g = mod.scores.grad.flatten(1).abs().sum(dim=1)
+            assert torch.all(g[off] == 0)
+            removed += int(off.sum())
+            kept_nonzero += int((g[~off] > 0).sum())
+    assert removed > 0 and kept_nonzero > 0  # there are removed filters, and kept ones do learn
