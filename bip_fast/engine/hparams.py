@@ -324,15 +324,13 @@ class RunConfig:
                 raise ValueError(f"{name}: expected a non-negative number, got {v!r}")
         if not (math.isfinite(p.mask_freeze) and 0.0 <= p.mask_freeze < 1.0):
             raise ValueError(f"mask_freeze: expected a fraction in [0, 1), got {p.mask_freeze!r}")
-        if p.bn_correction and (p.method != "bip" or p.variant != "paper"):
-            raise ValueError(f"bn_correction: applies to --method bip with --variant paper, got --method {p.method} "
-                             f"--variant {p.variant}")
-        if p.unit_scores and (p.method != "bip" or p.variant != "paper" or p.structure not in ("filter", "channel")):
-            raise ValueError(f"unit_scores: applies to --method bip with --variant paper and --structure filter or "
-                             f"channel, got --method {p.method} --variant {p.variant} --structure {p.structure}")
-        if p.mask_freeze and (p.method != "bip" or p.variant != "paper"):
-            raise ValueError(f"mask_freeze: applies to --method bip with --variant paper, got --method {p.method} "
-                             f"--variant {p.variant}")
+        for name in ("bn_correction", "unit_scores", "mask_freeze"):  # options of the paper variant of BiP only
+            if getattr(p, name) and (p.method != "bip" or p.variant != "paper"):
+                raise ValueError(f"{name}: applies to --method bip with --variant paper, got --method {p.method} "
+                                 f"--variant {p.variant}")
+        if p.unit_scores and p.structure not in ("filter", "channel"):
+            raise ValueError(f"unit_scores: shares one score per filter or channel (--structure filter or channel), "
+                             f"got --structure {p.structure}")
         for name, v in (("batch_size", d.batch_size), ("test_batch_size", d.test_batch_size),
                         ("log_interval", t.log_interval)):
             if v < 1:

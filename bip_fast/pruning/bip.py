@@ -403,9 +403,6 @@ class BiP(Algorithm):
                 "unit_scores": self.unit_scores}
 
     def _load_extra_state(self, sd: Dict[str, object]) -> None:
-        budget = None if self.budget is None else str(self.budget)
-        for k, mine in (("variant", self.variant), ("schedule", self.schedule), ("structure", self.structure),
-                        ("sparsity", self.sparsity_target), ("budget", budget), ("mask_freeze", self.mask_freeze),
-                        ("bn_correction", self.bn_correction), ("unit_scores", self.unit_scores)):
+        for k, mine in self._extra_state().items():
             if sd.get(k, _BEFORE.get(k)) != mine:  # keys newer than a checkpoint: their value before they existed
                 raise ValueError(f"state_dict: {k}={sd.get(k)!r} does not match this BiP's {k}={mine!r}")
