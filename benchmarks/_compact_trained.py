@@ -38,6 +38,7 @@ except ImportError:  # run as a script, or loaded from its file path
 import bip_fast
 from bip_fast.data import BilevelLoader, load_dataset
 from bip_fast.models import build
+from bip_fast.masks import kept_units
 from bip_fast.nn import masked_modules
 from bip_fast.pruning.bip import scaled_score_lr
 
@@ -75,8 +76,7 @@ def accuracy(model: nn.Module, ds) -> float:
 def _kept_filters(model: nn.Module) -> Dict[str, torch.Tensor]:
     out = {}
     for name, mod in masked_modules(model):
-        mk = mod.mask.transpose(0, getattr(mod, "out_dim", 0))
-        out[name] = mk.reshape(mk.shape[0], -1).any(dim=1)
+        out[name] = kept_units(mod.mask, getattr(mod, "out_dim", 0))
     return out
 
 

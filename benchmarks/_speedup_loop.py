@@ -4,8 +4,10 @@ of segments, checkpointed at epoch boundaries, whose result is saved to runs/<ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -23,11 +25,13 @@ except ImportError:  # run as a script, or loaded from its file path
 
 from bip_fast.data import BilevelLoader
 from bip_fast.files import checkpoint as ckpt
+from bip_fast.masks import kept_units
 from bip_fast.models import CifarResNet, build
 
 
 class Stop(Exception):
-    """The --max-minutes budget ran out; state is saved, a rerun with --resume continues."""
+    """The --max-minutes budget ran out, or SIGINT / SIGTERM arrived; state is saved, a rerun with
+    --resume continues."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,9 +61,48 @@ class Ctx:
         self.code = code_version()
         self.chosen: Dict[str, Dict[str, Any]] = {}  # tuned method -> its chosen configuration
         self.calibration: Optional[Dict[str, Any]] = None
+        self.signalled: Optional[int] = None  # the first SIGINT / SIGTERM received (stop_on_signals)
 
     def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
+        return self.signalled is not None or (self.deadline is not None and time.monotonic() > self.deadline)
+
+    def stop_reason(self) -> str:
+        """Why a run stopped early, for the closing message."""
+        if self.signalled is not None:
+            return f"stopped by {signal.Signals(self.signalled).name}"
+        return f"stopped after --max-minutes {self.args.max_minutes:g}"
+
+    def exit_status(self) -> int:
+        """0, or 128 + the signal's number when a signal stopped the run (the shell's convention)."""
+        return 0 if self.signalled is None else 128 + self.signalled
+
+
+@contextlib.contextmanager
+def stop_on_signals(ctx: Ctx) -> Iterator[None]:
+    """Within the block, the first SIGINT (Ctrl-C) or SIGTERM stops the benchmark the way
+    --max-minutes does: the current epoch finishes, its checkpoint is saved and the results file is
+    written, so nothing finished is lost and --resume continues. A second signal interrupts at once
+    (checkpoints are written atomically, so the last saved one stays whole). The previous handlers
+    come back on leaving; where signals cannot be handled (not the main thread) nothing changes."""
+
+    def handler(signum, frame):
+        if ctx.signalled is not None:
+            raise KeyboardInterrupt
+        ctx.signalled = signum
+        print(f"\n[stop] {signal.Signals(signum).name}: stopping at the next epoch boundary; the results file "
+              f"will be written (send it again to interrupt at once)", file=sys.stderr, flush=True)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def code_version() -> Dict[str, Any]:
@@ -237,8 +280,8 @@ def _record_flips(track: Dict[str, Any], masks: List[torch.Tensor]) -> None:
     ``track["prev"]`` (a filter is kept while any of its entries is), then make ``masks`` the new
     reference."""
     prev = track["prev"]
-    rows = [(m.flatten(1) if m.dim() > 1 else m.view(-1, 1)).bool().any(1) for m in masks]
-    rows0 = [(m.flatten(1) if m.dim() > 1 else m.view(-1, 1)).bool().any(1) for m in prev]
+    rows = [kept_units(m) for m in masks]
+    rows0 = [kept_units(m) for m in prev]
     track["filters"].append(sum(int((a != b).sum()) for a, b in zip(rows, rows0)) / max(1, sum(r.numel() for r in rows)))
     track["entries"].append(sum(int((a.bool() != b.bool()).sum()) for a, b in zip(masks, prev))
                             / max(1, sum(m.numel() for m in masks)))

@@ -89,6 +89,12 @@ def pretrain(ctx: Ctx, seed: int, factor: float = 1.0) -> Dict[str, Any]:
     return obj
 
 
+def dense_record(seed: int, pre: Dict[str, Any], *extra: str) -> Dict[str, Any]:
+    """The row a dense run (``pretrain``'s result) adds to a benchmark's results: its seed,
+    accuracies, time, steps and code version, and the ``extra`` keys asked for."""
+    return {"seed": seed, **{k: pre.get(k) for k in ("test_acc", "val_acc", "train_seconds", "steps", "code", *extra)}}
+
+
 def state_digest(model: torch.nn.Module) -> str:
     """sha256 of the model's plain state (names and bytes, in order): a dense model retrained from
     scratch (a cache lost between sessions) can be checked against the one earlier runs started from."""

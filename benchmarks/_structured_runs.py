@@ -31,6 +31,7 @@ except ImportError:  # run as a script, or loaded from its file path
 
 import bip_fast
 from bip_fast.compaction import count_macs
+from bip_fast.masks import kept_units
 from bip_fast.nn import masked_modules
 
 # name -> (algorithm, mask structure, the method of benchmarks/speedup.py whose base settings and
@@ -158,9 +159,9 @@ def filter_sparsity(model: torch.nn.Module) -> float:
     for name, mod in masked_modules(model):
         if name == cls:
             continue
-        mk = mod.mask.transpose(0, getattr(mod, "out_dim", 0))
-        kept += int(mk.reshape(mk.shape[0], -1).any(dim=1).sum())
-        total += mk.shape[0]
+        units = kept_units(mod.mask, getattr(mod, "out_dim", 0))
+        kept += int(units.sum())
+        total += units.numel()
     return 1.0 - kept / max(total, 1)
 
 

@@ -100,26 +100,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(C.format_header(env, f"BiP ablation (preset {args.preset}, {100 * (1 - 0.8 ** args.round):.1f}% sparsity)"))
     t0 = time.monotonic()
     rows, stopped = [], None
-    try:
-        for seed in range(args.seeds):
-            pre = S.pretrain(ctx, seed)  # cached by speedup.py / earlier rows
-            for i, (name, c) in enumerate(cfgs.items()):
-                run_id = f"cfg{i:02d}-seed{seed}"
-                if args.report_only:
-                    res = L._load_result(ctx, run_id)
-                    if res is None:
-                        continue
-                else:
-                    steps = max(1, round(c["length"] * st["bip"]))
-                    hp = dict(S.hparams(ctx, c["method"]), **c["overrides"], total_steps=steps)
-                    res = S.run_one_shot(ctx, c["method"], args.round, seed, pre, hp=hp, run_id=run_id,
-                                         segments=[L.Segment("bip", steps)])
-                rows.append(dict(res, config=name, overrides=c["overrides"], dense_acc=pre["test_acc"]))
-    except L.Stop as s:
-        stopped = str(s)
-    except L.MixedCode as e:
-        print(f"--resume: {e}", file=sys.stderr)
-        return 2
+    with L.stop_on_signals(ctx):
+        try:
+            for seed in range(args.seeds):
+                pre = S.pretrain(ctx, seed)  # cached by speedup.py / earlier rows
+                for i, (name, c) in enumerate(cfgs.items()):
+                    run_id = f"cfg{i:02d}-seed{seed}"
+                    if args.report_only:
+                        res = L._load_result(ctx, run_id)
+                        if res is None:
+                            continue
+                    else:
+                        steps = max(1, round(c["length"] * st["bip"]))
+                        hp = dict(S.hparams(ctx, c["method"]), **c["overrides"], total_steps=steps)
+                        res = S.run_one_shot(ctx, c["method"], args.round, seed, pre, hp=hp, run_id=run_id,
+                                             segments=[L.Segment("bip", steps)])
+                    rows.append(dict(res, config=name, overrides=c["overrides"], dense_acc=pre["test_acc"]))
+        except L.Stop as s:
+            stopped = str(s)
+        except L.MixedCode as e:
+            print(f"--resume: {e}", file=sys.stderr)
+            return 2
     table = ["| config | seeds | val acc % | test acc % | dense % | mask entries changed | train s |",
              "|---|---|---|---|---|---|---|"]
     summary = []
@@ -139,7 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         table.append(f"| {name} | {len(got)} | {T.pct(val, vstd)} | {T.pct(acc, std)} | {100 * dense:.2f} | {100 * ch:.1f}% | {sec:.0f} |")
     print("\n".join(table))
     if stopped:
-        print(f"\nstopped (--max-minutes) in {stopped}; rerun with --resume to continue")
+        print(f"\n{ctx.stop_reason()} in {stopped}; rerun with --resume to continue")
     path = args.json or os.path.join(args.out, "ablation.json")
     C.write_json(path, benchmark="bip_ablation", env=env, rows=[],
                  config=dict(cfg, preset=args.preset, round=args.round, steps=st, device=str(device),
@@ -150,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                             f"--round {args.round} --seeds {args.seeds} --resume",
                         "wall_seconds": time.monotonic() - t0})
     print(f"wrote {path}")
-    return 0
+    return ctx.exit_status()
 
 
 if __name__ == "__main__":

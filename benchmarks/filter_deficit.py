@@ -49,9 +49,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from bip_fast.masks import kept_units
+
 try:  # imported as part of a package
     from . import _common as C
-    from ._speedup_loop import MixedCode, Stop
+    from ._speedup_loop import MixedCode, Stop, stop_on_signals
     from ._speedup_presets import PRESETS
     from ._speedup_runs import _device, _model_from, run_arguments, pretrain, setup
     from ._structured_runs import make_algorithm, method_hparams, run_one_shot
@@ -59,7 +61,7 @@ try:  # imported as part of a package
 except ImportError:  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common as C  # type: ignore[no-redef]
-    from _speedup_loop import MixedCode, Stop  # type: ignore[no-redef]
+    from _speedup_loop import MixedCode, Stop, stop_on_signals  # type: ignore[no-redef]
     from _speedup_presets import PRESETS  # type: ignore[no-redef]
     from _speedup_runs import _device, _model_from, run_arguments, pretrain, setup  # type: ignore[no-redef]
     from _structured_runs import make_algorithm, method_hparams, run_one_shot  # type: ignore[no-redef]
@@ -111,7 +113,7 @@ def _score_grads(ctx, pre: Dict[str, Any], sparsity: float, seed: int, corrected
     x, y = next(iter(ctx.data.train_loader(ctx.cfg["batch_size"], seed=1000 * seed + 7, augment=False)))
     torch.nn.functional.cross_entropy(model(x.to(ctx.device)), y.to(ctx.device)).backward()
     held = {alg.module_names[i] for i in alg.dense_outputs}
-    return [(name, mod.scores.grad.flatten(1).norm(dim=1), mod.mask.flatten(1).any(dim=1))
+    return [(name, mod.scores.grad.flatten(1).norm(dim=1), kept_units(mod.mask))
             for name, mod in zip(alg.module_names, alg.modules) if name not in held]
 
 
@@ -255,17 +257,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     grads: List[Dict[str, Any]] = []
     runs: Dict[str, List[Dict[str, Any]]] = {v: [] for v in variants}
     stopped = None
-    try:
-        for seed in range(cfg["seeds"]):
-            pre = pretrain(ctx, seed)
-            grads.append(grad_ratio(ctx, pre, args.sparsity, seed))
-            for v in variants:
-                runs[v].append(run_variant(ctx, v, args.sparsity, seed, pre))
-    except Stop as s:
-        stopped = str(s)
-    except MixedCode as e:
-        print(f"--resume: {e}", file=sys.stderr)
-        return 2
+    with stop_on_signals(ctx):
+        try:
+            for seed in range(cfg["seeds"]):
+                pre = pretrain(ctx, seed)
+                grads.append(grad_ratio(ctx, pre, args.sparsity, seed))
+                for v in variants:
+                    runs[v].append(run_variant(ctx, v, args.sparsity, seed, pre))
+        except Stop as s:
+            stopped = str(s)
+        except MixedCode as e:
+            print(f"--resume: {e}", file=sys.stderr)
+            return 2
     rows = summarise(runs)
     decided = verdict(rows, runs)
     md = table(rows, grads)
@@ -299,8 +302,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  "provenance": {"commit": ctx.code["commit"], "dirty": ctx.code["dirty"],
                                                 "run_commits": sorted(codes)},
                                  "wall_seconds": time.monotonic() - t0})
-    print(f"wrote {os.path.join(args.out, 'filter_deficit.json')}" + (f" (stopped in {stopped}; rerun with --resume)" if stopped else ""))
-    return 0
+    print(f"wrote {os.path.join(args.out, 'filter_deficit.json')}" + (f" ({ctx.stop_reason()} in {stopped}; rerun with --resume)" if stopped else ""))
+    return ctx.exit_status()
 
 
 if __name__ == "__main__":

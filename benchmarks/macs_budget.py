@@ -39,7 +39,8 @@ import torch
 
 try:  # imported as part of a package
     from . import _common as C
-    from ._speedup_loop import MixedCode, Segment, Stop, _build, _load_result, _save_result, _warmup, execute
+    from ._speedup_loop import (MixedCode, Segment, Stop, _build, _load_result, _save_result, _warmup, execute,
+                                stop_on_signals)
     from ._speedup_presets import GRIDS, PRESETS
     from ._speedup_runs import _device, _model_from, run_arguments, config_tag, hparams, pretrain, setup
     from ._speedup_stats import by_seed, paired, paired_diff
@@ -48,7 +49,7 @@ except ImportError:  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common as C  # type: ignore[no-redef]
     from _speedup_loop import (  # type: ignore[no-redef]
-        MixedCode, Segment, Stop, _build, _load_result, _save_result, _warmup, execute)
+        MixedCode, Segment, Stop, _build, _load_result, _save_result, _warmup, execute, stop_on_signals)
     from _speedup_presets import GRIDS, PRESETS  # type: ignore[no-redef]
     from _speedup_runs import _device, _model_from, run_arguments, config_tag, hparams, pretrain, setup  # type: ignore[no-redef]
     from _speedup_stats import by_seed, paired, paired_diff  # type: ignore[no-redef]
@@ -281,18 +282,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     records: List[Dict[str, Any]] = []
     tuning: Dict[str, Any] = {}
     stopped = None
-    try:
-        pres = {s: pretrain(ctx, s) for s in range(cfg["seeds"])}
-        tuning = tune(ctx, methods, pres[0], targets[0])
-        for seed in range(cfg["seeds"]):
-            for t in targets:
-                for m in methods:
-                    records.append(run(ctx, m, t, seed, pres[seed], ctx.chosen[m]))
-    except Stop as s:
-        stopped = str(s)
-    except MixedCode as e:
-        print(f"--resume: {e}", file=sys.stderr)
-        return 2
+    with stop_on_signals(ctx):
+        try:
+            pres = {s: pretrain(ctx, s) for s in range(cfg["seeds"])}
+            tuning = tune(ctx, methods, pres[0], targets[0])
+            for seed in range(cfg["seeds"]):
+                for t in targets:
+                    for m in methods:
+                        records.append(run(ctx, m, t, seed, pres[seed], ctx.chosen[m]))
+        except Stop as s:
+            stopped = str(s)
+        except MixedCode as e:
+            print(f"--resume: {e}", file=sys.stderr)
+            return 2
     rows = aggregate(records, methods, targets)
     md = table(rows)
     print(md)
@@ -317,8 +319,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  "provenance": {"commit": ctx.code["commit"], "dirty": ctx.code["dirty"],
                                                 "run_commits": codes},
                                  "wall_seconds": time.monotonic() - t0})
-    print(f"wrote {path}" + (f" (stopped in {stopped}; rerun with --resume)" if stopped else ""))
-    return 0
+    print(f"wrote {path}" + (f" ({ctx.stop_reason()} in {stopped}; rerun with --resume)" if stopped else ""))
+    return ctx.exit_status()
 
 
 if __name__ == "__main__":

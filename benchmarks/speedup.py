@@ -66,25 +66,25 @@ try:  # imported as part of a package (python -m benchmarks.speedup)
     from . import _speedup_fair as F
     from . import _speedup_report as R
     from . import _speedup_tables as T
-    from ._speedup_loop import MixedCode, Stop
+    from ._speedup_loop import MixedCode, Stop, stop_on_signals
     from ._speedup_plots import plots
     from ._speedup_presets import (
         CONVERGENCE_FACTOR, GRIDS, IMP_RATE, METHODS, PAPER_DENSE_EPOCHS, PRESETS, SCORE_SAMPLES,
         TUNE_SEED, TUNE_SHARES)
-    from ._speedup_runs import _device, hparams, pretrain, run_imp, run_one_shot, setup, target_rounds
+    from ._speedup_runs import _device, dense_record, hparams, pretrain, run_imp, run_one_shot, setup, target_rounds
 except ImportError:  # run as a script, or loaded from its file path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common as C  # type: ignore[no-redef]
     import _speedup_report as R  # type: ignore[no-redef]
     import _speedup_tables as T  # type: ignore[no-redef]
-    from _speedup_loop import MixedCode, Stop  # type: ignore[no-redef]
+    from _speedup_loop import MixedCode, Stop, stop_on_signals  # type: ignore[no-redef]
     from _speedup_presets import (  # type: ignore[no-redef]
         CONVERGENCE_FACTOR, GRIDS, IMP_RATE, METHODS, PAPER_DENSE_EPOCHS, PRESETS, SCORE_SAMPLES,
         TUNE_SEED, TUNE_SHARES)
     import _speedup_fair as F  # type: ignore[no-redef]
     from _speedup_plots import plots  # type: ignore[no-redef]
     from _speedup_runs import (  # type: ignore[no-redef]
-        _device, hparams, pretrain, run_imp, run_one_shot, setup, target_rounds)
+        _device, dense_record, hparams, pretrain, run_imp, run_one_shot, setup, target_rounds)
 
 
 def validation_split(ctx) -> Dict[str, Any]:
@@ -216,29 +216,27 @@ def main(argv: Optional[List[str]] = None) -> int:
                     for r in rounds:
                         results.setdefault(m, []).append(run_one_shot(ctx, m, r, seed, pres[seed]))
 
-    try:
-        pres = {}
-        for seed in seeds:
-            pres[seed] = pre = pretrain(ctx, seed)
-            dense_runs.append({"seed": seed, "test_acc": pre["test_acc"], "val_acc": pre.get("val_acc"),
-                               "train_seconds": pre["train_seconds"], "steps": pre.get("steps"),
-                               "curve": pre.get("curve"), "code": pre.get("code"),
-                               "final_sha256": pre.get("final_sha256")})
-        tuning = F.tune(ctx, methods, pres[TUNE_SEED], grids=bool(cfg.get("tune")))
-        run_methods(core)
-        calib = F.calibrate(ctx, methods, pres[seeds[0]])
-        for seed in seeds:
-            if cfg.get("check_convergence") and (seed == seeds[0] or cfg.get("check_convergence") == "all"):
-                lg = pretrain(ctx, seed, CONVERGENCE_FACTOR)
-                long_runs.append({"seed": seed, "test_acc": lg["test_acc"], "val_acc": lg.get("val_acc"),
-                                  "steps": lg.get("steps"), "factor": CONVERGENCE_FACTOR, "curve": lg.get("curve"),
-                                  "code": lg.get("code")})
-        run_methods(rest)
-    except Stop as s:
-        stopped = str(s)
-    except MixedCode as e:
-        print(f"--resume: {e}", file=sys.stderr)
-        return 2
+    with stop_on_signals(ctx):
+        try:
+            pres = {}
+            for seed in seeds:
+                pres[seed] = pre = pretrain(ctx, seed)
+                dense_runs.append(dense_record(seed, pre, "curve", "final_sha256"))
+            tuning = F.tune(ctx, methods, pres[TUNE_SEED], grids=bool(cfg.get("tune")))
+            run_methods(core)
+            calib = F.calibrate(ctx, methods, pres[seeds[0]])
+            for seed in seeds:
+                if cfg.get("check_convergence") and (seed == seeds[0] or cfg.get("check_convergence") == "all"):
+                    lg = pretrain(ctx, seed, CONVERGENCE_FACTOR)
+                    long_runs.append({"seed": seed, "test_acc": lg["test_acc"], "val_acc": lg.get("val_acc"),
+                                      "steps": lg.get("steps"), "factor": CONVERGENCE_FACTOR, "curve": lg.get("curve"),
+                                      "code": lg.get("code")})
+            run_methods(rest)
+        except Stop as s:
+            stopped = str(s)
+        except MixedCode as e:
+            print(f"--resume: {e}", file=sys.stderr)
+            return 2
     accs = [d["test_acc"] for d in dense_runs]
     vals = [d["val_acc"] for d in dense_runs if d.get("val_acc") is not None]
     dense = {"epochs": cfg["dense_epochs"], "acc": statistics.mean(accs) if accs else 0.0,
@@ -301,7 +299,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print()
         print(T.tickets_table(tickets, dense["acc"]))
     if stopped:
-        print(f"\nstopped after --max-minutes {args.max_minutes} during run {stopped}; partial results above. "
+        print(f"\n{ctx.stop_reason()} during run {stopped}; partial results above. "
               f"Rerun with --resume to continue.")
     title = f"{cfg['arch']}, CIFAR-10 {cfg['train_samples']} imgs, {args.preset}, {C.device_name(device)}"
     pngs = plots(ctx.out, rows, results, dense, title, methods, rounds) if rows else []
@@ -333,7 +331,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "summary": {"rows": len(rows), "complete": stopped is None}})
     print(f"\nwrote {path}" + "".join(f"\nwrote {q}" for q in pngs))
     print(f"wall-clock {time.monotonic() - t_start:.0f} s")
-    return 0
+    return ctx.exit_status()
 
 
 if __name__ == "__main__":

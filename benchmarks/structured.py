@@ -83,17 +83,17 @@ import torch
 try:  # imported as part of a package (python -m benchmarks.structured)
     from . import _common as C
     from . import _structured_report as R
-    from ._speedup_loop import MixedCode, Stop
+    from ._speedup_loop import MixedCode, Stop, stop_on_signals
     from ._speedup_presets import PRESETS
-    from ._speedup_runs import _device, pretrain, setup
+    from ._speedup_runs import _device, dense_record, pretrain, setup
     from ._structured_runs import DEFAULT_METHODS, METHODS, SPARSITIES, dense_cost, imp_schedule, run_method, tune
 except ImportError:  # run as a script, or loaded from its file path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common as C  # type: ignore[no-redef]
     import _structured_report as R  # type: ignore[no-redef]
-    from _speedup_loop import MixedCode, Stop  # type: ignore[no-redef]
+    from _speedup_loop import MixedCode, Stop, stop_on_signals  # type: ignore[no-redef]
     from _speedup_presets import PRESETS  # type: ignore[no-redef]
-    from _speedup_runs import _device, pretrain, setup  # type: ignore[no-redef]
+    from _speedup_runs import _device, dense_record, pretrain, setup  # type: ignore[no-redef]
     from _structured_runs import (  # type: ignore[no-redef]
         DEFAULT_METHODS, METHODS, SPARSITIES, dense_cost, imp_schedule, run_method, tune)
 
@@ -163,24 +163,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     dense_runs: List[Dict[str, Any]] = []
     tuning: Dict[str, Any] = {}
     stopped = None
-    try:
-        pres = {}
-        for seed in seeds:
-            pres[seed] = pre = pretrain(ctx, seed)
-            dense_runs.append({"seed": seed, "test_acc": pre["test_acc"], "val_acc": pre.get("val_acc"),
-                               "train_seconds": pre["train_seconds"], "steps": pre.get("steps"), "code": pre.get("code")})
-        tuning = tune(ctx, methods, pres[seeds[0]], args.tune, args.tuned_from)
-        for seed in seeds:  # seed by seed: an interrupted run compares every method on the seeds it has
-            for m in methods:
-                records.setdefault(m, []).extend(run_method(ctx, m, seed, pres[seed]))
-    except Stop as s:
-        stopped = str(s)
-    except MixedCode as e:
-        print(f"--resume: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # --tune speedup without a tuned file
-        print(str(e), file=sys.stderr)
-        return 2
+    with stop_on_signals(ctx):
+        try:
+            pres = {}
+            for seed in seeds:
+                pres[seed] = pre = pretrain(ctx, seed)
+                dense_runs.append(dense_record(seed, pre))
+            tuning = tune(ctx, methods, pres[seeds[0]], args.tune, args.tuned_from)
+            for seed in seeds:  # seed by seed: an interrupted run compares every method on the seeds it has
+                for m in methods:
+                    records.setdefault(m, []).extend(run_method(ctx, m, seed, pres[seed]))
+        except Stop as s:
+            stopped = str(s)
+        except MixedCode as e:
+            print(f"--resume: {e}", file=sys.stderr)
+            return 2
+        except ValueError as e:  # --tune speedup without a tuned file
+            print(str(e), file=sys.stderr)
+            return 2
 
     accs = [d["test_acc"] for d in dense_runs]
     vals = [d["val_acc"] for d in dense_runs if d.get("val_acc") is not None]
@@ -195,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     provenance = {"commit": ctx.code["commit"], "dirty": ctx.code["dirty"],
                   "run_commits": sorted({(c or {}).get("commit", "unknown") for c in codes})}
     if stopped:
-        print(f"\nstopped after --max-minutes {args.max_minutes} during run {stopped}; partial results above. "
+        print(f"\n{ctx.stop_reason()} during run {stopped}; partial results above. "
               f"Rerun with --resume to continue.")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "structured.md"), "w") as f:
@@ -223,7 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for q in [path] + pngs:
         print(f"wrote {q}")
     print(f"wall-clock {time.monotonic() - t_start:.0f} s")
-    return 0
+    return ctx.exit_status()
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .files.checkpoint import _check_path, _write_atomic
+from .masks import kept_units
 from .masks.group_trace import ChannelGroups, Member, call_model, discover_groups, hooked_pass, output_tensors, plain_copy
 
 __all__ = ["compact", "CompactReport", "export_compact", "count_macs"]
@@ -98,7 +99,7 @@ def _reaching(plain: nn.Module, groups: ChannelGroups, example_inputs) -> Dict[s
             if not isinstance(x, torch.Tensor) or x.dim() == 0:
                 return
             d = x.dim() - 1 if linear else min(1, x.dim() - 1)
-            nz = x.detach().transpose(0, d).reshape(x.shape[d], -1).ne(0).any(dim=1).cpu()
+            nz = kept_units(x, d).cpu()
             seen[name] = nz | seen[name] if name in seen and seen[name].shape == nz.shape else nz
         return hook
 

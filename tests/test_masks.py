@@ -75,3 +75,15 @@ def test_apply_save_load_masks(tmp_path):
         masks.load_masks(other, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="masks"):
         masks.apply_masks(mods, ms[:1])
+
+
+def test_kept_units_filters_channels_and_errors():
+    m = torch.zeros(4, 3, 2, 2)
+    m[1, 0, 0, 0] = 1  # one entry keeps filter 1 (and input channel 0)
+    m[3, 2] = 1
+    assert masks.kept_units(m).tolist() == [False, True, False, True]
+    assert masks.kept_units(m, dim=1).tolist() == [True, False, True]
+    assert masks.kept_units(m.bool()).tolist() == [False, True, False, True]
+    assert masks.kept_units(torch.tensor([0.0, 2.0, 0.0])).tolist() == [False, True, False]
+    with pytest.raises(ValueError, match="mask"):
+        masks.kept_units(torch.tensor(1.0))

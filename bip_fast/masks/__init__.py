@@ -22,8 +22,18 @@ from .groups import ChannelGroups, attach_groups, find_groups
 STRUCTURES = ("global", "layer", "filter", "channel", "nm", "group")
 FILTER_NORMS = ("l2", "l1")  # how a filter / channel / group channel scores: the norm of its entries
 
-__all__ = ["STRUCTURES", "FILTER_NORMS", "project", "apply_masks", "keep_count", "density_of", "save_masks", "load_masks",
-           "find_groups", "attach_groups", "ChannelGroups"]
+__all__ = ["STRUCTURES", "FILTER_NORMS", "project", "apply_masks", "keep_count", "kept_units", "density_of", "save_masks",
+           "load_masks", "find_groups", "attach_groups", "ChannelGroups"]
+
+
+def kept_units(mask: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Which slices of ``mask`` along ``dim`` hold a nonzero entry, as a bool vector of length
+    ``mask.shape[dim]``: the output filters (dim 0) or input channels (dim 1) that a mask keeps, a
+    filter counting as kept while any of its entries is. A 1-d mask is one unit per entry."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() == 0:
+        raise ValueError(f"mask: expected a tensor of >= 1 dims, got {getattr(mask, 'shape', type(mask).__name__)}")
+    m = mask.detach()
+    return m.transpose(0, dim).reshape(m.shape[dim], -1).ne(0).any(dim=1)
 
 
 def _check_density(density) -> float:
@@ -99,7 +109,7 @@ def project(
                 keep = ops.topk_masks([norms], max(1, keep_count(norms.numel(), density)), backend=backend)[0]
                 out.append(keep.view(shape).expand(s.shape).contiguous())
                 continue
-            alive = within[i].transpose(0, dim).reshape(s.shape[dim], -1).any(dim=1)
+            alive = kept_units(within[i], dim)
             keep = torch.zeros_like(alive)
             cand = norms[alive]
             if cand.numel() > 0:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..masks import kept_units
 from ..nn import norms_after
 
 __all__ = ["BNCorrection", "attach_bn_correction"]
@@ -54,7 +55,7 @@ class BNCorrection:
 
     def _scale(self, g: torch.Tensor, mod: nn.Conv2d, name: str, bn: nn.Module) -> torch.Tensor:
         x = self.inputs.pop(name, None)  # this pass's input, released once used
-        pruned = ~mod.mask.flatten(1).any(dim=1)
+        pruned = ~kept_units(mod.mask)
         if x is None or not bool(pruned.any()):
             return g
         with torch.no_grad():
