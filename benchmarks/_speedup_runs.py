@@ -341,6 +341,16 @@ def run_arguments(p, out: str, seeds: int = 3) -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 256 training images, 1 seed, 1 dense epoch")
 
 
+def study_config(args, **over) -> Dict[str, Any]:
+    """The cpu preset as a study built on ``run_arguments`` runs it: no convergence check, the seeds
+    asked for, the overrides ``over``; ``--quick`` shrinks it to a smoke run (256 training images, one
+    seed, one dense epoch of batch 64)."""
+    cfg = dict(PRESETS["cpu"], check_convergence=False, seeds=args.seeds, **over)
+    if args.quick:
+        cfg.update(train_subset=256, test_subset=200, val=100, dense_epochs=1, batch_size=64, seeds=1, eval_points=None)
+    return cfg
+
+
 def setup(args, cfg, device: torch.device):
     """Output folder, data and context of a run of ``cfg`` (a preset name or dict); (None, ...) on
     bad input (the reason is printed). Without ``args.resume`` the folder's runs are cleared;

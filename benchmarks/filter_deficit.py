@@ -54,16 +54,14 @@ from bip_fast.masks import kept_units
 try:  # imported as part of a package
     from . import _common as C
     from ._speedup_loop import MixedCode, Stop, stop_on_signals
-    from ._speedup_presets import PRESETS
-    from ._speedup_runs import _device, _model_from, run_arguments, pretrain, setup
+    from ._speedup_runs import _device, _model_from, run_arguments, pretrain, setup, study_config
     from ._structured_runs import make_algorithm, method_hparams, run_one_shot
     from ._speedup_stats import by_seed, paired, paired_diff
 except ImportError:  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common as C  # type: ignore[no-redef]
     from _speedup_loop import MixedCode, Stop, stop_on_signals  # type: ignore[no-redef]
-    from _speedup_presets import PRESETS  # type: ignore[no-redef]
-    from _speedup_runs import _device, _model_from, run_arguments, pretrain, setup  # type: ignore[no-redef]
+    from _speedup_runs import _device, _model_from, run_arguments, pretrain, setup, study_config  # type: ignore[no-redef]
     from _structured_runs import make_algorithm, method_hparams, run_one_shot  # type: ignore[no-redef]
     from _speedup_stats import by_seed, paired, paired_diff  # type: ignore[no-redef]
 
@@ -244,10 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         variants.insert(0, "bip")  # the reference of every paired row
     t0 = time.monotonic()
     device = _device(args.device)
-    cfg = dict(PRESETS["cpu"], check_convergence=False, tune="fixed", seeds=args.seeds)
-    if args.quick:
-        cfg.update(train_subset=256, test_subset=200, val=100, dense_epochs=1, batch_size=64, seeds=1, eval_points=None)
-    ctx, cfg, data_dir = setup(args, cfg, device)
+    ctx, cfg, data_dir = setup(args, study_config(args, tune="fixed"), device)
     if ctx is None:
         return 2
     ctx.sparsities = [args.sparsity]

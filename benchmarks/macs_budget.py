@@ -41,8 +41,8 @@ try:  # imported as part of a package
     from . import _common as C
     from ._speedup_loop import (MixedCode, Segment, Stop, _build, _load_result, _save_result, _warmup, execute,
                                 stop_on_signals)
-    from ._speedup_presets import GRIDS, PRESETS
-    from ._speedup_runs import _device, _model_from, run_arguments, config_tag, hparams, pretrain, setup
+    from ._speedup_presets import GRIDS
+    from ._speedup_runs import _device, _model_from, run_arguments, config_tag, hparams, pretrain, setup, study_config
     from ._speedup_stats import by_seed, paired, paired_diff
     from ._structured_runs import example_input, inference_cost, latencies
 except ImportError:  # run as a script
@@ -50,8 +50,8 @@ except ImportError:  # run as a script
     import _common as C  # type: ignore[no-redef]
     from _speedup_loop import (  # type: ignore[no-redef]
         MixedCode, Segment, Stop, _build, _load_result, _save_result, _warmup, execute, stop_on_signals)
-    from _speedup_presets import GRIDS, PRESETS  # type: ignore[no-redef]
-    from _speedup_runs import _device, _model_from, run_arguments, config_tag, hparams, pretrain, setup  # type: ignore[no-redef]
+    from _speedup_presets import GRIDS  # type: ignore[no-redef]
+    from _speedup_runs import _device, _model_from, run_arguments, config_tag, hparams, pretrain, setup, study_config  # type: ignore[no-redef]
     from _speedup_stats import by_seed, paired, paired_diff  # type: ignore[no-redef]
     from _structured_runs import example_input, inference_cost, latencies  # type: ignore[no-redef]
 
@@ -266,10 +266,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--targets: expected fractions in (0, 1), got {args.targets}")
     t0 = time.monotonic()
     device = _device(args.device)
-    cfg = dict(PRESETS["cpu"], check_convergence=False, tune="grid", seeds=args.seeds, arch=ARCH)
-    if args.quick:
-        cfg.update(train_subset=256, test_subset=200, val=100, dense_epochs=1, batch_size=64, seeds=1, eval_points=None)
-    ctx, cfg, data_dir = setup(args, cfg, device)
+    ctx, cfg, data_dir = setup(args, study_config(args, tune="grid", arch=ARCH), device)
     if ctx is None:
         return 2
     ctx.plain_builder = lambda: _build(cfg["arch"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -19,7 +20,7 @@ from .hparams import FOLDER_DATASETS, RunConfig
 from .rundir import EXPORT_FILES, cpu_state, load_state_into, read_model_file
 from .setup import example_input, resolve_device
 
-__all__ = ["evaluate", "density", "load_model", "evaluate_checkpoint", "export_checkpoint"]
+__all__ = ["evaluate", "density", "mask_state", "load_model", "evaluate_checkpoint", "export_checkpoint"]
 
 
 @torch.no_grad()
@@ -46,6 +47,21 @@ def density(model: nn.Module) -> float:
     if total == 0:
         return 1.0
     return float(sum(m.mask.sum() for _, m in mods)) / total
+
+
+def mask_state(model: nn.Module) -> Dict[str, Any]:
+    """{"density"} of the model's masks and, when a mask keeps no weight of some layer,
+    {"empty_layers": names} with a warning (shown once per set of layers): such a layer cuts the
+    network's output off from its input wherever every path crosses it, and its weights get no
+    gradient again. Global masks at high sparsity can do this (docs/results.md, "Layer collapse")."""
+    rep = sparsity_report(model)
+    out: Dict[str, Any] = {"density": rep["density"]}
+    if rep["empty_layers"]:
+        out["empty_layers"] = rep["empty_layers"]
+        warnings.warn(f"layer collapse: the masks keep no weight of {', '.join(rep['empty_layers'])} (density "
+                      f"{rep['density']:.4g}); a layer on every path cuts the output off from the input. A lower "
+                      f"score learning rate or a layer-wise structure avoids it", UserWarning, stacklevel=2)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from ..nn import masked_modules, sparsity_report, to_sync_norms
 from ..pruning.base import NonFiniteError
 from . import baselines, tblog
 from .checks import check_nm_layers, check_same_run
-from .evaluation import density, evaluate
+from .evaluation import density, evaluate, mask_state
 from .hparams import RunConfig
 from .plan import Segment, describe_plan, plan_segments
 from .rundir import (CHECKPOINT, METRICS, REWIND, REWIND_FORMAT, RUN_FORMAT, check_out_dir, cpu_state,
@@ -382,7 +382,7 @@ class Trainer:
                 self.epoch_in_seg += 1
                 self.global_epoch += 1
                 record = {"epoch": self.global_epoch, "segment": seg.name, "segment_epoch": self.epoch_in_seg,
-                          "round": seg.round, **rec, "test_acc": test_acc, "density": density(self.inner),
+                          "round": seg.round, **rec, "test_acc": test_acc, **mask_state(self.inner),
                           "lr": self.alg.current_lrs(), "seconds": train_s}
                 if self.skipped_steps:
                     record["skipped_steps"] = self.skipped_steps
@@ -409,7 +409,7 @@ class Trainer:
             "test_acc": self.history[-1]["test_acc"] if self.history else None,
             "best_acc": max((h["test_acc"] for h in self.history), default=None),
             "density": rep["density"], "sparsity": rep["sparsity"], "prunable": rep["numel"],
-            "kept": rep["kept"], "epochs": self.global_epoch, "rounds": self.rounds,
+            "kept": rep["kept"], "empty_layers": rep["empty_layers"], "epochs": self.global_epoch, "rounds": self.rounds,
             "seconds_this_session": seconds,
         }
 

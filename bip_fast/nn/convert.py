@@ -331,7 +331,9 @@ BUDGET_ATTR = "_bip_fast_budget"
 
 
 def sparsity_report(model: nn.Module) -> Dict[str, object]:
-    """Per-layer and total density of the masked modules' current masks, and under ``skipped``
+    """Per-layer and total density of the masked modules' current masks, under ``empty_layers`` the
+    names of the layers whose mask keeps no weight (layer collapse: a layer that every path of the
+    network crosses then cuts the output off from the input), and under ``skipped``
     the weight-bearing layers that are not masked (name, type, numel, reason); their weights are
     not counted in ``numel``. Where the masks come from a ``macs=`` / ``params=`` budget
     (``structure="group"``), ``budget`` gives it: ``{"kind", "target", "macs", "params"}``, the
@@ -345,7 +347,7 @@ def sparsity_report(model: nn.Module) -> Dict[str, object]:
         kept += k
     density = kept / total if total else 1.0
     out = {"layers": layers, "numel": total, "kept": kept, "density": density, "sparsity": 1.0 - density,
-           "skipped": _skipped(model)}
+           "empty_layers": [r["name"] for r in layers if r["kept"] == 0], "skipped": _skipped(model)}
     budget = getattr(model, BUDGET_ATTR, None)
     if budget is not None:
         out["budget"] = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in budget.items()}

@@ -1,0 +1,67 @@
+"""Layer collapse (a mask that keeps no weight of some layer) is reported: ``sparsity_report``'s
+``empty_layers``, and in a run a warning, the epoch's metrics record and results.json."""
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bip_fast
+from bip_fast.engine import Trainer
+from bip_fast.engine.evaluation import mask_state
+from bip_fast.nn import masked_modules
+from test_loop import config, synthetic, tiny_model
+
+
+def test_report_and_mask_state_name_empty_layers():
+    model = bip_fast.sparsify(tiny_model())
+    mods = dict(masked_modules(model))
+    assert bip_fast.sparsity_report(model)["empty_layers"] == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning while every layer keeps a weight
+        assert mask_state(model) == {"density": 1.0}
+    mods["3"].set_mask(torch.zeros_like(mods["3"].mask))
+    assert bip_fast.sparsity_report(model)["empty_layers"] == ["3"]
+    with pytest.warns(UserWarning, match=r"layer collapse: the masks keep no weight of 3 "):
+        state = mask_state(model)
+    assert state["empty_layers"] == ["3"] and 0.0 < state["density"] < 1.0
+
+
+def test_run_records_an_emptied_layer(tmp_path):
+    def empty_first_conv(trainer, record):
+        if record["epoch"] == 2:  # the first retraining epoch of OMP: its mask is fixed from here on
+            m = dict(masked_modules(trainer.model))["0"]
+            m.set_mask(torch.zeros_like(m.mask))
+
+    cfg = config(tmp_path / "run", method="omp", sparsity=0.5, pretrain_epochs=1, epochs=2)
+    with pytest.warns(UserWarning, match="layer collapse"):
+        rep = Trainer(cfg, dataset=synthetic(), model_fn=tiny_model, callbacks=[empty_first_conv]).run()
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("empty_layers") for r in recs] == [None, None, ["0"]]
+    assert rep["empty_layers"] == ["0"]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["empty_layers"] == ["0"]
+
+
+def test_layer_collapse_benchmark_quick(tmp_path):
+    """benchmarks/layer_collapse.py --quick: every (target, config) measured, masks of the right size."""
+    from test_speedup_smoke import _data_dir_or_skip, _load
+    data_dir = _data_dir_or_skip()
+    tuned = tmp_path / "speedup.json"
+    tuned.write_text(json.dumps({"tuning": {"bip_alternating": {"chosen": {"lr": 0.1, "score_lr": "scaled"}}}}))
+    bench = _load("layer_collapse")
+    out = tmp_path / "out"
+    argv = ["--quick", "--data-dir", data_dir, "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+            "--rounds", "9,18", "--steps", "2", "--tuned-from", str(tuned)]
+    assert bench.main(argv) == 0
+    doc = json.loads((out / "layer_collapse.json").read_text())
+    assert {(r["round"], r["config"]) for r in doc["runs"]} == {(9, c) for c in bench.configs({})} | {
+        (18, c) for c in bench.configs({})}
+    for r in doc["runs"]:
+        assert [s["step"] for s in r["steps"]] == [0, 1, 2]
+        n = sum(L["numel"] for L in r["gradient"])
+        for s in r["steps"]:  # global top-K: exactly K weights kept at every step
+            assert sum(s["kept"].values()) == round((1 - r["target_sparsity"]) * n)
+            assert s["empty_layers"] == [k for k, v in s["kept"].items() if v == 0]
+    with pytest.raises(SystemExit):
+        bench.main(argv[:-1] + [str(tmp_path / "absent.json")])
