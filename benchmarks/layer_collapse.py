@@ -19,9 +19,13 @@ cached like speedup.py's) and each target round (``--rounds``, default 12, 15, 1
 
 Configurations: ``chosen`` (speedup.py's choice, read from ``--tuned-from``), ``score_lr_0.1`` (the
 chosen weight lr with the paper's score lr instead of the scaled rule) and ``chosen_bn`` (chosen with
-``BiP(bn_correction=True)``). Output (``--out``): layer_collapse.json and layer_collapse.md.
+``BiP(bn_correction=True)``); ``--configs`` picks some. Output (``--out``): layer_collapse.json and
+layer_collapse.md. ``--steps 349`` follows BiP's whole schedule of the preset (the validation
+accuracy at its end then says whether a configuration that keeps every layer also recovers).
 
     python benchmarks/layer_collapse.py --data-dir ../shared/data/cifar10
+    python benchmarks/layer_collapse.py --data-dir ../shared/data/cifar10 --steps 349 --rounds 15,18 \
+        --configs score_lr_0.1,chosen_bn --out benchmarks/results/layer-collapse-cpu-full
 """
 
 from __future__ import annotations
@@ -130,6 +134,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_arguments(p, os.path.join(C.RESULTS_DIR, "layer-collapse-cpu"))
     p.add_argument("--rounds", default="12,15,18", help="IMP rounds whose sparsities are measured")
     p.add_argument("--steps", type=int, default=44, help="BiP steps followed (the preset's first evaluation point)")
+    p.add_argument("--configs", default=",".join(configs({})), help="comma-separated subset of "
+                   + ",".join(configs({})))
     p.add_argument("--tuned-from", default=os.path.join(C.RESULTS_DIR, "speedup-cpu-cpu-next", "speedup.json"),
                    help="speedup.json whose tuning chose BiP's configuration")
     args = p.parse_args(argv)
@@ -139,6 +145,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--rounds: expected comma-separated integers, got {args.rounds!r}")
     if not rounds or min(rounds) < 1 or args.steps < 1:
         p.error("--rounds: expected rounds >= 1; --steps: expected >= 1")
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if not names or any(c not in configs({}) for c in names):
+        p.error(f"--configs: expected a subset of {','.join(configs({}))}, got {args.configs!r}")
     try:
         with open(args.tuned_from) as f:
             chosen = json.load(f)["tuning"][METHOD]["chosen"]
@@ -157,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         dense.append(dense_record(seed, pre, "final_sha256"))
         for rnd in rounds:
             sp = target_sparsity(rnd)
-            for name, over in configs(chosen).items():
+            for name, over in ((n, configs(chosen)[n]) for n in names):
                 hp = hparams(ctx, METHOD, over)
                 # two instances: the gradient's forward pass would move the BatchNorm statistics
                 grad = first_gradient(ctx, make_algorithm(ctx, METHOD, _model_from(ctx, pre["final"]), sp, hp), seed)
@@ -175,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f.write(md + "\n")
     C.write_json(os.path.join(args.out, "layer_collapse.json"), benchmark="layer_collapse", env=env,
                  config=dict(cfg, method=METHOD, rounds=rounds, steps_followed=args.steps, tuned_from=args.tuned_from,
-                             configs=configs(chosen), device=str(device)),
+                             configs={n: configs(chosen)[n] for n in names}, device=str(device)),
                  rows=[], extra={"dense": dense, "runs": runs,
                                  "provenance": {"commit": ctx.code["commit"], "dirty": ctx.code["dirty"],
                                                 "run_commits": sorted({(d.get("code") or {}).get("commit", "unknown")

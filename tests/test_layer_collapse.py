@@ -65,3 +65,8 @@ def test_layer_collapse_benchmark_quick(tmp_path):
             assert s["empty_layers"] == [k for k, v in s["kept"].items() if v == 0]
     with pytest.raises(SystemExit):
         bench.main(argv[:-1] + [str(tmp_path / "absent.json")])
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--configs", "chosen,nonsense"])
+    assert bench.main(argv + ["--configs", "score_lr_0.1", "--rounds", "18"]) == 0
+    doc = json.loads((out / "layer_collapse.json").read_text())
+    assert [(r["round"], r["config"], r["hparams"]["score_lr"]) for r in doc["runs"]] == [(18, "score_lr_0.1", 0.1)]
