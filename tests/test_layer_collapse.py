@@ -70,3 +70,14 @@ def test_layer_collapse_benchmark_quick(tmp_path):
     assert bench.main(argv + ["--configs", "score_lr_0.1", "--rounds", "18"]) == 0
     doc = json.loads((out / "layer_collapse.json").read_text())
     assert [(r["round"], r["config"], r["hparams"]["score_lr"]) for r in doc["runs"]] == [(18, "score_lr_0.1", 0.1)]
+
+
+def test_bip_warns_of_a_large_score_lr_at_extreme_global_sparsity():
+    with pytest.warns(UserWarning, match="Layer collapse"):
+        bip_fast.BiP(tiny_model(), 0.98, score_lr=11.2, total_steps=349)
+    for kw in ({"sparsity": 0.98, "score_lr": 0.1}, {"sparsity": 0.9, "score_lr": 11.2},
+               {"sparsity": 0.98, "score_lr": 11.2, "structure": "layer"}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            s = kw.pop("sparsity")
+            bip_fast.BiP(tiny_model(), s, total_steps=349, **kw)
