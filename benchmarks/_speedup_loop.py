@@ -145,12 +145,12 @@ def _accuracy(model: torch.nn.Module, loader, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, ctx: Ctx) -> Dict[str, float]:
-    """{"test_acc"} and, where the preset holds out a validation split, {"val_acc"}: the
-    validation accuracy decides, the test accuracy only reports."""
+def evaluate(model: torch.nn.Module, ctx: Ctx, test: bool = True) -> Dict[str, float]:
+    """{"test_acc"} (unless ``test`` is false) and, where the preset holds out a validation split,
+    {"val_acc"}: the validation accuracy decides, the test accuracy only reports."""
     was = model.training
     model.eval()
-    out = {"test_acc": _accuracy(model, ctx.data.test_loader(500), ctx.device)}
+    out = {"test_acc": _accuracy(model, ctx.data.test_loader(500), ctx.device)} if test else {}
     if ctx.data.val_x is not None:
         out["val_acc"] = _accuracy(model, ctx.data.val_loader(500), ctx.device)
     model.train(was)

@@ -97,7 +97,7 @@ def first_steps(ctx, alg, seed: int, steps: int) -> List[Dict[str, Any]]:
             done += 1
         kept = {name: int(mod.mask.sum()) for name, mod in zip(alg.module_names, alg.modules)}
         out.append({"step": mark, "kept": kept, "empty_layers": [n for n, k in kept.items() if k == 0],
-                    "val_acc": evaluate(alg.model, ctx).get("val_acc")})
+                    "val_acc": evaluate(alg.model, ctx, test=False).get("val_acc")})
     return out
 
 
@@ -153,6 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             chosen = json.load(f)["tuning"][METHOD]["chosen"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         p.error(f"--tuned-from: {args.tuned_from} holds no tuning choice for {METHOD} ({e})")
+    measured = {n: configs(chosen)[n] for n in names}  # in the order asked for
     t0 = time.monotonic()
     device = _device(args.device)
     ctx, cfg, _ = setup(args, study_config(args, tune="fixed"), device)
@@ -166,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         dense.append(dense_record(seed, pre, "final_sha256"))
         for rnd in rounds:
             sp = target_sparsity(rnd)
-            for name, over in ((n, configs(chosen)[n]) for n in names):
+            for name, over in measured.items():
                 hp = hparams(ctx, METHOD, over)
                 # two instances: the gradient's forward pass would move the BatchNorm statistics
                 grad = first_gradient(ctx, make_algorithm(ctx, METHOD, _model_from(ctx, pre["final"]), sp, hp), seed)
@@ -184,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f.write(md + "\n")
     C.write_json(os.path.join(args.out, "layer_collapse.json"), benchmark="layer_collapse", env=env,
                  config=dict(cfg, method=METHOD, rounds=rounds, steps_followed=args.steps, tuned_from=args.tuned_from,
-                             configs={n: configs(chosen)[n] for n in names}, device=str(device)),
+                             configs=measured, device=str(device)),
                  rows=[], extra={"dense": dense, "runs": runs,
                                  "provenance": {"commit": ctx.code["commit"], "dirty": ctx.code["dirty"],
                                                 "run_commits": sorted({(d.get("code") or {}).get("commit", "unknown")

@@ -228,9 +228,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for seed in seeds:
                 if cfg.get("check_convergence") and (seed == seeds[0] or cfg.get("check_convergence") == "all"):
                     lg = pretrain(ctx, seed, CONVERGENCE_FACTOR)
-                    long_runs.append({"seed": seed, "test_acc": lg["test_acc"], "val_acc": lg.get("val_acc"),
-                                      "steps": lg.get("steps"), "factor": CONVERGENCE_FACTOR, "curve": lg.get("curve"),
-                                      "code": lg.get("code")})
+                    long_runs.append(dict(dense_record(seed, lg, "curve"), factor=CONVERGENCE_FACTOR))
             run_methods(rest)
         except Stop as s:
             stopped = str(s)
