@@ -4,30 +4,18 @@ The script is loaded from its file (benchmarks/ is not a package); it runs on th
 default backends (the Triton interpreter is excluded unless named), so it takes seconds.
 """
 
-import importlib.util
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name):
-    path = os.path.join(ROOT, "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_bip_fast_bench_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+from _script_helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    return _load("kernels")
+    return load_script("kernels")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +96,7 @@ def test_mismatch_aborts(kernels, monkeypatch, tmp_path):
 
 
 def test_common_helpers(tmp_path):
-    common = _load("_common")
+    common = load_script("_common")
     t = common.Timing.from_samples([5.0, 1.0, 2.0, 3.0, 4.0], "test")
     assert (t.median_ms, t.p20_ms, t.p80_ms, t.n) == (3.0, 1.8, 4.2, 5)
     row = common.Row("op", "cpu", "cfg", t, metric="2.0x")

@@ -3,7 +3,7 @@ its JSON (rows with their masks, the interleaved protocol, the control), and the
 protocol itself on fake chunks."""
 import json
 
-from test_benchmarks_smoke import _load  # the one loader of benchmark scripts by file path
+from _script_helpers import load_script
 from test_speedup_smoke import _data_dir
 
 
@@ -11,7 +11,7 @@ def test_quick_run_writes_rows_and_checkpoint(tmp_path):
     path = tmp_path / "compact.json"
     data = _data_dir()
     argv = ["--quick", "--threads", "1", "--json", str(path)] + (["--data-dir", data] if data else ["--no-bip"])
-    assert _load("compact").main(argv) == 0
+    assert load_script("compact").main(argv) == 0
     doc = json.loads(path.read_text())
     assert doc["benchmark"] == "compact" and doc["rows"] and doc["commit"]
     assert doc["protocol"]["name"] == "interleaved" and "shuffled" in doc["protocol"]["description"]
@@ -48,13 +48,13 @@ def test_quick_run_writes_rows_and_checkpoint(tmp_path):
 def test_full_run_refuses_without_cifar(tmp_path, capsys):
     """The BiP rows need CIFAR-10: without it the full run stops before any work, naming the way out."""
     path = tmp_path / "c.json"
-    assert _load("compact").main(["--data-dir", str(tmp_path / "nowhere"), "--json", str(path)]) == 2
+    assert load_script("compact").main(["--data-dir", str(tmp_path / "nowhere"), "--json", str(path)]) == 2
     assert "--no-bip" in capsys.readouterr().err and not path.exists()
 
 
 def test_interleaved_protocol():
     """Rounds of one chunk per kind in a shuffled order, the first round discarded, median over chunks."""
-    timing = _load("_timing")
+    timing = load_script("_timing")
     seen = []
     values = {"a": [9.0, 0.001, 0.003, 0.002], "b": [9.0, 0.010, 0.030, 0.020], "c": [9.0, 1.0, 1.0, 1.0]}
 

@@ -5,7 +5,8 @@ table, and that --resume trains nothing again. Needs real CIFAR-10 (skipped when
 
 import json
 
-from test_speedup_smoke import _data_dir_or_skip, _load
+from _script_helpers import load_script
+from test_speedup_smoke import _data_dir_or_skip
 
 
 def test_filter_deficit_quick(tmp_path):
@@ -13,7 +14,7 @@ def test_filter_deficit_quick(tmp_path):
     out = tmp_path / "out"
     argv = ["--quick", "--data-dir", data_dir, "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
             "--variants", "bip,bip_freeze50,bip_bn_corrected,bip_unit_scores,l1,l1_lr0.2,l1_bip_steps"]
-    fd = _load("filter_deficit")
+    fd = load_script("filter_deficit")
     assert fd.main(argv) == 0
     doc = json.loads((out / "filter_deficit.json").read_text())
     assert doc["complete"] is True and doc["provenance"]["commit"]

@@ -6,7 +6,6 @@ exercises the time-boxing, the status records, summary.md and the log tarball. I
 checked on their own: the summary renderer on hand-made logs, the CIFAR-10 subset writer on
 synthetic batches, and scripts/ops_smoke.py on the CPU backends.
 """
-import importlib.util
 import json
 import os
 import pickle
@@ -19,19 +18,13 @@ import time
 import numpy as np
 import pytest
 
+from _script_helpers import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 STAGES = ["env", "build", "tests", "sanitizer", "kernels", "step", "speedup", "loader"]
 BASH = shutil.which("bash") or "/bin/bash"
 STUBBED = ("python", "python3", "nvidia-smi", "nvcc", "compute-sanitizer", "pip", "pip3", "ncu")
-
-
-def _load(name):
-    path = os.path.join(ROOT, "scripts", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_bip_fast_script_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _stub_bin(tmp_path, record):
@@ -174,7 +167,7 @@ def test_report_renders_junit_running_step_and_tables(tmp_path):
     (work / "logs" / "tests.log").write_text("===== slowest 20 durations =====\n3.21s call tests/test_x.py::test_y\n")
     (work / "logs" / "step.log").write_text("# header\n| model | mode |\n|---|---|\n| resnet20 | dense |\n"
                                             "targets: 3/4 rows pass\n")
-    report = _load("gpu_check_report")
+    report = load_script("gpu_check_report", "scripts")
     assert report.main(["--work", str(work), "--out", str(out), "--budget", "525",
                         "--start", str(int(time.time()) - 300)]) == 0
     s = (out / "summary.md").read_text()
@@ -205,7 +198,7 @@ def _fake_cifar(folder, per_class):
 def test_cifar_subset_writes_every_file_class_balanced(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     _fake_cifar(src, per_class=6)
-    mod = _load("cifar_subset")
+    mod = load_script("cifar_subset", "scripts")
     assert mod.main(["--src", str(src), "--dst", str(dst), "--train", "100", "--test", "30"]) == 0
     assert (dst / "SUBSET.txt").is_file() and (dst / "cifar-10-batches-py" / "batches.meta").is_file()
     for name, n in [(f"data_batch_{i}", 20) for i in range(1, 6)] + [("test_batch", 30)]:

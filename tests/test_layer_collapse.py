@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import bip_fast
 from bip_fast.engine import Trainer
@@ -45,11 +44,12 @@ def test_run_records_an_emptied_layer(tmp_path):
 
 def test_layer_collapse_benchmark_quick(tmp_path):
     """benchmarks/layer_collapse.py --quick: every (target, config) measured, masks of the right size."""
-    from test_speedup_smoke import _data_dir_or_skip, _load
+    from _script_helpers import load_script
+    from test_speedup_smoke import _data_dir_or_skip
     data_dir = _data_dir_or_skip()
     tuned = tmp_path / "speedup.json"
     tuned.write_text(json.dumps({"tuning": {"bip_alternating": {"chosen": {"lr": 0.1, "score_lr": "scaled"}}}}))
-    bench = _load("layer_collapse")
+    bench = load_script("layer_collapse")
     out = tmp_path / "out"
     argv = ["--quick", "--data-dir", data_dir, "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
             "--rounds", "9,18", "--steps", "2", "--tuned-from", str(tuned)]

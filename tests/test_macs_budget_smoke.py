@@ -6,7 +6,8 @@ Needs real CIFAR-10 (skipped when absent)."""
 
 import json
 
-from test_speedup_smoke import _data_dir_or_skip, _load
+from _script_helpers import load_script
+from test_speedup_smoke import _data_dir_or_skip
 
 
 def test_macs_budget_quick(tmp_path):
@@ -14,7 +15,7 @@ def test_macs_budget_quick(tmp_path):
     out = tmp_path / "out"
     argv = ["--quick", "--data-dir", data_dir, "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
             "--threads", "1", "--targets", "0.5", "--methods", "omp_uniform,omp_macs,tp_magnitude"]
-    mb = _load("macs_budget")
+    mb = load_script("macs_budget")
     assert mb.main(argv) == 0
     doc = json.loads((out / "macs_budget.json").read_text())
     assert doc["complete"] is True and doc["config"]["arch"] == "resnet8b"

@@ -265,9 +265,9 @@ def test_cli_prune_group_then_export_onnx_compact(ort, dense_run, tmp_path):
 def test_onnx_latency_helper_rows(ort):
     """benchmarks/_onnx_latency.py (for benchmarks/compact.py): one row per batch, both sessions
     checked against PyTorch before timing; one round, so it only shows the shape of the output."""
-    from test_benchmarks_smoke import _load  # the one loader of benchmark scripts by file path
+    from _script_helpers import load_script
 
-    onnx_latency_rows = _load("_onnx_latency").onnx_latency_rows
+    onnx_latency_rows = load_script("_onnx_latency").onnx_latency_rows
     x = torch.randn(2, 3, 32, 32)
     masked = group_pruned(lambda: build("resnet20"), x)
     dense = bip_fast.finalize(build("resnet20"))

@@ -1,28 +1,16 @@
 """The speedup benchmark's accounting (benchmarks/_speedup_report.py) on run records written by hand:
 time to IMP's accuracy, the convergence check, the aggregation over seeds and winning tickets."""
 
-import importlib.util
 import math
-import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _script_helpers import load_script
 
 
-def _load(name):
-    path = os.path.join(ROOT, "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_bip_fast{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-R = _load("_speedup_report")
-S = _load("_speedup_stats")
-T = _load("_speedup_tables")
+R = load_script("_speedup_report")
+S = load_script("_speedup_stats")
+T = load_script("_speedup_tables")
 
 
 def _imp(seed, accs, secs=100.0, vals=None, steps=10):

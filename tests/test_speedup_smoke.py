@@ -7,23 +7,14 @@ target sparsities (the IMP series points 48.8%, 73.8%, 86.6%). Needs real CIFAR-
 named by BIP_FAST_DATA, else /work/shared/data/cifar10 or ./data; skipped when absent.
 """
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
+from _script_helpers import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name):
-    path = os.path.join(ROOT, "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_bip_fast_bench_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _data_dir_or_skip():
@@ -42,7 +33,7 @@ def _data_dir():
 
 
 def test_step_quick(tmp_path):
-    step = _load("step")
+    step = load_script("step")
     path = tmp_path / "step.json"
     rc = step.main(["--quick", "--device", "cpu", "--batch-size", "8", "--repeats", "3", "--json", str(path)])
     assert rc == 0
@@ -67,7 +58,7 @@ def _tiny_speedup(tmp_path, *flags):
     out = tmp_path / "out"
     argv = ["--device", "cpu", "--data-dir", data_dir, "--train-subset", "128", "--batch-size", "64",
             "--test-subset", "100", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *flags]
-    return _load("speedup"), out, argv
+    return load_script("speedup"), out, argv
 
 
 def test_speedup_tiny(tmp_path, capsys):

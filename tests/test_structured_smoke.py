@@ -12,7 +12,8 @@ import json
 
 import pytest
 
-from test_speedup_smoke import _data_dir, _load
+from _script_helpers import load_script
+from test_speedup_smoke import _data_dir
 
 
 def _argv(tmp_path, out, *flags):
@@ -26,7 +27,7 @@ def _argv(tmp_path, out, *flags):
 def test_structured_quick(tmp_path):
     out = tmp_path / "out"
     argv = _argv(tmp_path, out)
-    structured = _load("structured")
+    structured = load_script("structured")
     assert structured.main(argv) == 0
     doc = json.loads((out / "structured.json").read_text())
     for key in ("config", "rows", "dense", "tuning", "records", "provenance", "complete", "continue_command"):
@@ -89,7 +90,7 @@ def test_structured_quick(tmp_path):
 
 
 def test_structured_tuned_from_speedup(tmp_path):
-    structured = _load("structured")
+    structured = load_script("structured")
     src = tmp_path / "speedup.json"
     src.write_text(json.dumps({"rows": []}))
     argv = _argv(tmp_path, tmp_path / "out", "--methods", "l1_filter", "--sparsities", "0.5", "--tune", "speedup",

@@ -1,0 +1,116 @@
+"""The generated tables of README.md and docs/*.md (benchmarks/render_docs.py): every block matches
+the committed results file it names, and a block that cannot be rendered says where and why."""
+
+import json
+import os
+
+import pytest
+
+from _script_helpers import load_script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+D = load_script("render_docs")
+_next = os.path.join("benchmarks", "results", "speedup-cpu-cpu-next", "speedup.json")
+
+
+def test_committed_documents_match_their_results_files():
+    stale = D.run(D.documents(), check=True)
+    assert stale == [], f"run `python benchmarks/render_docs.py`: stale blocks {stale}"
+
+
+def test_readme_has_a_generated_headline():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    assert "<!-- render speedup " in text
+
+
+def _doc(tmp_path, spec, body=""):
+    p = tmp_path / "doc.md"
+    p.write_text(f"before\n<!-- render {spec} -->\n{body}<!-- /render -->\nafter\n")
+    return p
+
+
+def test_render_rewrites_the_block_and_is_idempotent(tmp_path):
+    p = _doc(tmp_path, f"speedup {_next} methods=imp,bip_alternating", "hand-typed 99.99\n")
+    assert D.main([str(p)]) == 0
+    text = p.read_text()
+    assert "hand-typed" not in text
+    assert text.startswith("before\n") and text.endswith("<!-- /render -->\nafter\n")
+    with open(os.path.join(ROOT, _next)) as f:
+        d = json.load(f)
+    imp = [r for r in d["rows"] if r["method"] == "imp"][0]
+    assert f"| IMP | {100 * imp['test_acc']:.2f} ± {100 * imp['test_acc_std']:.2f} |" in text
+    assert "| BiP (fused) |" not in text  # only the methods asked for
+    assert D.run([str(p)], check=True) == []  # a second pass changes nothing
+    assert D.main(["--check", str(p)]) == 0
+
+
+def test_check_names_a_hand_edited_block_and_changes_nothing(tmp_path):
+    p = _doc(tmp_path, f"speedup {_next}")
+    D.main([str(p)])
+    edited = p.read_text().replace("| IMP |", "| IMP (edited) |", 1)
+    p.write_text(edited)
+    assert D.main(["--check", str(p)]) == 1
+    assert p.read_text() == edited
+
+
+def test_partial_file_says_so_with_a_continue_command(tmp_path):
+    with open(os.path.join(ROOT, _next)) as f:
+        d = json.load(f)
+    d.update(complete=False, stopped_in="omp-r3-seed0", continue_command="python benchmarks/speedup.py "
+             "--preset cpu --resume --max-minutes 0.05")
+    (tmp_path / "r.json").write_text(json.dumps(d))
+    p = _doc(tmp_path, "speedup r.json")
+    D.run([str(p)], check=False, root=str(tmp_path))
+    text = p.read_text()
+    assert "**partial** (stopped in omp-r3-seed0" in text
+    assert "--max-minutes N" in text and "0.05" not in text
+
+
+@pytest.mark.parametrize("spec, body, match", [
+    ("speedup", "", "needs a renderer and a results file"),
+    ("nosuch x.json", "", "unknown renderer"),
+    ("speedup missing.json", "", "does not exist"),
+    ("speedup bad.json", "", "not valid JSON"),
+    ("speedup good.json", "", "lacks what the 'speedup' renderer reads"),
+    ("speedup good.json methods", "", "not key=value"),
+])
+def test_bad_blocks_give_a_clear_error_and_leave_the_file(tmp_path, spec, body, match):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "good.json").write_text(json.dumps({"config": {"methods": ["imp"]}}))
+    p = _doc(tmp_path, spec, body)
+    before = p.read_text()
+    with pytest.raises(D.RenderError, match=match):
+        D.run([str(p)], check=False, root=str(tmp_path))
+    assert p.read_text() == before
+
+
+def test_unknown_method_and_unclosed_block(tmp_path):
+    p = _doc(tmp_path, f"speedup {_next} methods=imp,nosuch")
+    with pytest.raises(D.RenderError, match="not in the file"):
+        D.run([str(p)], check=True)
+    q = tmp_path / "open.md"
+    q.write_text(f"<!-- render speedup {_next} -->\nno end\n")
+    with pytest.raises(D.RenderError, match="never closed"):
+        D.run([str(q)], check=True)
+    assert D.main([str(q)]) == 2
+
+
+def test_structured_table_and_mask_flips(tmp_path):
+    with open(os.path.join(ROOT, "benchmarks", "results", "structured-cpu", "structured.json")) as f:
+        d = json.load(f)
+    bip = [r for r in d["rows"] if r["method"] == "bip_filter" and abs(r["target_sparsity"] - 0.8) < 1e-9][0]
+    d["mask_flips"] = {"bip_filter": {"0.8": {"filters": [0.197, 0.047], "entries": [0.1, 0.02], "runs": 3,
+                                              "last_tenth_filters": 0.047}},
+                       "imp_filter": {"all targets": {"filters": [0.0, 0.25], "entries": [0.0, 0.2], "runs": 3,
+                                                      "last_tenth_filters": 0.25}}}
+    (tmp_path / "s.json").write_text(json.dumps(d))
+    p = _doc(tmp_path, "structured s.json")
+    D.run([str(p)], check=False, root=str(tmp_path))
+    text = p.read_text()
+    assert f"| {bip['label']} | per layer" in text
+    assert f"{100 * bip['test_acc']:.2f} ± {100 * bip['test_acc_std']:.2f} (3)" in text
+    assert f"| {bip['label']} | 80% | 3 | 19.7 | 4.7 |" in text
+    assert "| IMP-F | all targets | 3 | 0.0 | 25.0 |" in text
