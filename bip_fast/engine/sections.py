@@ -35,6 +35,9 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..data import cifar
 from ..data.folder import FOLDER_DATASETS
+from ..masks import STRUCTURES  # every mask structure the projection knows
+from ..pruning._scores import SCORE_INITS  # BiP's score initialisations
+from ..pruning.bip import SCHEDULES, VARIANTS  # BiP's schedules and variants
 
 __all__ = [
     "METHODS", "COMMANDS", "STRUCTURES", "VARIANTS", "SCHEDULES", "SCORE_INITS", "CIFAR_DATASETS",
@@ -44,10 +47,6 @@ __all__ = [
 
 METHODS = ("bip", "imp", "omp", "hydra", "dense", "snip", "grasp", "synflow", "gmp")
 COMMANDS = ("pretrain", "prune", "finetune", "eval", "export")
-STRUCTURES = ("global", "layer", "filter", "channel", "nm", "group")
-VARIANTS = ("paper", "official")
-SCHEDULES = ("alternating", "fused")
-SCORE_INITS = ("magnitude", "hydra")
 CIFAR_DATASETS = cifar.DATASETS  # python-pickle batches (bip_fast.data.cifar)
 DATASETS = CIFAR_DATASETS + FOLDER_DATASETS
 
