@@ -77,7 +77,46 @@ def test_bip_warns_of_a_large_score_lr_at_extreme_global_sparsity():
         bip_fast.BiP(tiny_model(), 0.98, score_lr=11.2, total_steps=349)
     for kw in ({"sparsity": 0.98, "score_lr": 0.1}, {"sparsity": 0.9, "score_lr": 11.2},
                {"sparsity": 0.98, "score_lr": 11.2, "structure": "layer"}):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
             s = kw.pop("sparsity")
             bip_fast.BiP(tiny_model(), s, total_steps=349, **kw)
+        # (the tiny model's magnitude masks at 98% may empty a layer: that warning is the watch's)
+        assert not [w for w in got if "score_lr" in str(w.message)], [str(w.message) for w in got]
+
+
+def _batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_algorithm_names_and_warns_of_a_layer_its_projection_empties():
+    """A Python-API user hears of collapse without calling sparsity_report: the first projection that
+    empties a layer is checked (the 1st mask change), warned of once, and kept in empty_layers."""
+    model = bip_fast.sparsify(tiny_model())
+    pruner = bip_fast.BiP(model, 0.5, total_steps=20, score_lr=1e-6)
+    assert pruner.empty_layers == []
+    with torch.no_grad():  # the first conv's scores (ranked by magnitude) far below every other layer's
+        dict(masked_modules(model))["0"].scores.fill_(0.0)
+    with pytest.warns(UserWarning, match=r"at mask update 2 \(after 0 completed steps\) the masks keep no weight of 0 \(1 of 3"):
+        pruner.step(_batch(), _batch(seed=1))
+    assert pruner.empty_layers == ["0"] == bip_fast.sparsity_report(model)["empty_layers"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same layer again: no second warning
+        pruner.step(_batch(seed=2), _batch(seed=3))
+    assert pruner.empty_layers == ["0"]
+
+
+def test_collapse_checks_follow_the_schedule_and_stay_quiet_without_collapse():
+    from bip_fast.pruning._collapse import EVERY
+    model = bip_fast.sparsify(tiny_model())
+    pruner = bip_fast.BiP(model, 0.5, total_steps=40, score_lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(9):
+            pruner.step(_batch(seed=i), _batch(seed=100 + i))
+    # the constructor's first projection and 9 steps: 10 changes, checked at 1, 2, 4 and 8
+    assert (pruner.collapse.changes, pruner.collapse.checks) == (10, 4)
+    assert pruner.empty_layers == []
+    due = [n for n in range(1, 3 * EVERY + 1) if (setattr(pruner.collapse, "changes", n) or pruner.collapse.due())]
+    assert due == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768]

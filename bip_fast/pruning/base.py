@@ -49,6 +49,7 @@ from torch import nn
 from .. import ops
 from ..masks import apply_masks
 from ..nn import masked_modules, sparsify
+from ._collapse import CollapseWatch
 from ._guard import NonFiniteError, NonFiniteGuard
 # _project_into stays importable from here (the algorithms import it from base)
 from ._projection import ROW_STRUCTURES, _dense_outputs, _project_into, _selects_the_masked  # noqa: F401
@@ -203,6 +204,7 @@ class Algorithm:
         self.global_step = 0  # steps taken in total
         self.nonfinite_guard = True  # see the module docstring
         self.nonfinite = NonFiniteGuard()
+        self.collapse = CollapseWatch()  # layers a mask empties: empty_layers, a warning (_collapse.py)
 
     # -- parameters ---------------------------------------------------------------------
     def _weights(self) -> List[nn.Parameter]:
@@ -321,9 +323,15 @@ class Algorithm:
         kept = int(sum(m.mask.sum() for m in self.modules))
         return 1.0 - kept / total
 
+    @property
+    def empty_layers(self) -> List[str]:
+        """Masked layers whose mask kept no weight at the last check (layer collapse; see ``_collapse``)."""
+        return list(self.collapse.empty)
+
     @torch.no_grad()
     def _set_masks(self, new_masks: Sequence[torch.Tensor]) -> None:
         apply_masks(self.modules, new_masks)
+        self.collapse.after_change(self.module_names, self.modules, self.global_step)
 
     # -- step ---------------------------------------------------------------------------
     def step(self, batch: Batch, batch2: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
