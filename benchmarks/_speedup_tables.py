@@ -100,6 +100,22 @@ def headline_table(rows: List[Dict[str, Any]], methods: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def control_line(ctrl: Dict[str, Any]) -> str:
+    """The control row in words (dense, IMP-round and OMP steps are the same SGD step and must cost
+    the same); "" when neither accounting has a spread yet."""
+    if ctrl.get("max_rel_diff") is None and ctrl.get("wall_max_rel_diff") is None:
+        return ""
+
+    def fmt(d):
+        return "n/a" if d is None else f"{100 * d:.1f}%"
+
+    cal = ", ".join(f"{k} {1000 * v:.1f}" for k, v in (ctrl.get("s_per_step") or {}).items()) or "not measured yet"
+    wall = ", ".join(f"{k} {1000 * v:.1f}" for k, v in (ctrl.get("wall_s_per_step") or {}).items())
+    return (f"control (the same SGD step): calibrated ms/step {cal} (spread {fmt(ctrl.get('max_rel_diff'))}, "
+            f"agree within {100 * ctrl.get('limit', 0.05):.0f}%: {ctrl.get('calibrated_agree')}); wall-clock ms/step "
+            f"{wall} (spread {fmt(ctrl.get('wall_max_rel_diff'))}, agree: {ctrl.get('wall_agree')})")
+
+
 def tuning_table(tuning: Dict[str, Any]) -> str:
     """Markdown table of the tuning grid: every configuration tried, its validation accuracy, the choice."""
     lines = ["| method | configuration | val acc % | test acc % | chosen |", "|---|---|---|---|---|"]

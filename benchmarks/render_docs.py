@@ -79,23 +79,6 @@ def _speedup_config(d: Dict[str, Any]) -> str:
     return "; ".join(parts) + "."
 
 
-def _control(d: Dict[str, Any]) -> str:
-    ctrl = d.get("control") or {}
-    if ctrl.get("max_rel_diff") is None and ctrl.get("wall_max_rel_diff") is None:
-        return ""
-
-    def spread(x):
-        return "n/a" if x is None else f"{100 * x:.1f}%"
-
-    cal = ", ".join(f"{k} {1000 * v:.1f}" for k, v in (ctrl.get("s_per_step") or {}).items()) or "not measured yet"
-    wall = ", ".join(f"{k} {1000 * v:.1f}" for k, v in (ctrl.get("wall_s_per_step") or {}).items())
-    lim = 100 * ctrl.get("limit", 0.05)
-    return (f"Control (dense, IMP-round and OMP steps are the same work): calibrated ms/step {cal} "
-            f"(spread {spread(ctrl.get('max_rel_diff'))}, within {lim:.0f}%: {ctrl.get('calibrated_agree')}); "
-            f"wall-clock ms/step {wall} (spread {spread(ctrl.get('wall_max_rel_diff'))}, "
-            f"within {lim:.0f}%: {ctrl.get('wall_agree')}).")
-
-
 def _methods(d: Dict[str, Any], opts: Dict[str, str]) -> List[str]:
     have = list(d["config"].get("methods") or [])
     want = opts["methods"].split(",") if "methods" in opts else have
@@ -119,8 +102,8 @@ def speedup(d: Dict[str, Any], path: str, opts: Dict[str, str]) -> str:
     tickets = {m: t for m, t in (d.get("winning_tickets") or {}).items() if m in ran}
     if tickets:
         out += [T.tickets_table(tickets, d["dense"]["acc"]), ""]
-    ctrl = _control(d)
-    return "\n".join(out + ([ctrl] if ctrl else [])).rstrip()
+    ctrl = T.control_line(d.get("control") or {})
+    return "\n".join(out + ([ctrl[0].upper() + ctrl[1:] + "."] if ctrl else [])).rstrip()
 
 
 def speedup_table(d: Dict[str, Any], path: str, opts: Dict[str, str]) -> str:
@@ -220,7 +203,8 @@ def render_text(text: str, name: str, root: str = ROOT) -> Tuple[str, List[str]]
         try:
             body = RENDERERS[kind](d, path, opts).split("\n")
         except (KeyError, TypeError) as e:
-            raise RenderError(f"{where}: {rel} lacks what the {kind!r} renderer reads ({type(e).__name__}: {e})") from None
+            raise RenderError(f"{where}: {rel} lacks what the {kind!r} renderer reads "
+                              f"({type(e).__name__}: {e})") from None
         if lines[i:j] != body:
             changed.append(f"{where} ({kind} {rel})")
         out.extend(body)

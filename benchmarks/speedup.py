@@ -284,13 +284,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"- {100 * v['target_sparsity']:.1f}%: {R.label(v['method'])}: speedup at IMP's accuracy {eq}{sp}, "
               f"fixed budget {v['fixed_budget_speedup']:.2f}x; test accuracy vs IMP, paired per seed: {pv} "
               f"points: {v['accuracy_verdict']}")
-    if ctrl["max_rel_diff"] is not None or ctrl["wall_max_rel_diff"] is not None:
-        fmt = (lambda d: "n/a" if d is None else f"{100 * d:.1f}%")
-        cal = ", ".join(f"{k} {1000 * v:.1f}" for k, v in ctrl["s_per_step"].items())
-        wall = ", ".join(f"{k} {1000 * v:.1f}" for k, v in ctrl["wall_s_per_step"].items())
-        print(f"- control (the same SGD step): calibrated ms/step {cal} (spread {fmt(ctrl['max_rel_diff'])}, "
-              f"agree within {100 * ctrl['limit']:.0f}%: {ctrl['calibrated_agree']}); wall-clock ms/step {wall} "
-              f"(spread {fmt(ctrl['wall_max_rel_diff'])}, agree: {ctrl['wall_agree']})")
+    line = T.control_line(ctrl)
+    if line:
+        print(f"- {line}")
     print(f"- provenance: code {provenance['commit']} (dirty: {provenance['dirty']}), runs made at "
           f"{', '.join(provenance['run_commits'])}")
     if tickets:

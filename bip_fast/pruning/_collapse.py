@@ -46,7 +46,8 @@ class CollapseWatch:
         new = [n for n in self.empty if n not in self._warned]
         if new:
             self._warned.update(new)
-            warnings.warn(f"layer collapse: at mask update {self.changes} (after {step} completed steps) the masks keep no weight of {', '.join(new)} "
+            warnings.warn(f"layer collapse: at mask update {self.changes} (after {step} completed steps) the masks "
+                          f"keep no weight of {', '.join(new)} "
                           f"({len(self.empty)} of {len(modules)} masked layers empty); a layer on every path cuts "
                           f"the output off from the input and no gradient reaches it again. A lower score learning "
                           f"rate or a layer-wise structure avoids it (docs/results.md, 'Layer collapse')",
