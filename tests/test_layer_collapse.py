@@ -42,6 +42,32 @@ def test_run_records_an_emptied_layer(tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["empty_layers"] == ["0"]
 
 
+@pytest.mark.parametrize("zero_after, first", [(2, "the masks keep"), (3, "at mask update 8 ")])
+def test_a_collapse_in_a_run_is_warned_of_once(tmp_path, zero_after, first):
+    """The algorithm's watch and the engine's per-epoch mask_state share the set of layers warned
+    of, so one collapse gives one warning, whichever sees it first. 96 images in batches of 32: 3
+    BiP steps (mask changes) per epoch after the constructor's, so the watch checks at changes 2, 4
+    and 8 (the third BiP epoch's first step). Emptied after epoch 2, the engine sees it first (end of
+    epoch 3) and the watch's check at change 8 stays quiet; emptied after epoch 3, the watch sees it
+    first and the engine's check at the end of epoch 4 stays quiet."""
+    def zero_first_conv_scores(trainer, record):
+        if record["epoch"] == zero_after:  # ranked below every other layer's from the next projection
+            with torch.no_grad():
+                dict(masked_modules(trainer.model))["0"].scores.fill_(0.0)
+
+    cfg = config(tmp_path / "run", method="bip", sparsity=0.5, pretrain_epochs=1, epochs=3, score_lr=1e-6)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        trainer = Trainer(cfg, dataset=synthetic(), model_fn=tiny_model, callbacks=[zero_first_conv_scores])
+        trainer.run()
+    collapse = [str(w.message) for w in got if "layer collapse" in str(w.message)]
+    assert len(collapse) == 1 and first in collapse[0], collapse
+    assert trainer.alg.collapse.changes == 10 and trainer.alg.collapse.warned == {"0"}
+    assert trainer.alg.empty_layers == ["0"]  # the watch's check at change 8 found it either way
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("empty_layers") for r in recs] == [None] * zero_after + [["0"]] * (4 - zero_after)
+
+
 def test_layer_collapse_benchmark_quick(tmp_path):
     """benchmarks/layer_collapse.py --quick: every (target, config) measured, masks of the right size."""
     from _script_helpers import load_script

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 import torch
 from torch import nn
@@ -49,18 +49,25 @@ def density(model: nn.Module) -> float:
     return float(sum(m.mask.sum() for _, m in mods)) / total
 
 
-def mask_state(model: nn.Module) -> Dict[str, Any]:
+def mask_state(model: nn.Module, warned: Optional[Set[str]] = None) -> Dict[str, Any]:
     """{"density"} of the model's masks and, when a mask keeps no weight of some layer,
-    {"empty_layers": names} with a warning (shown once per set of layers): such a layer cuts the
-    network's output off from its input wherever every path crosses it, and its weights get no
-    gradient again. Global masks at high sparsity can do this (docs/results.md, "Layer collapse")."""
+    {"empty_layers": names} with a warning: such a layer cuts the network's output off from its
+    input wherever every path crosses it, and its weights get no gradient again. Global masks at
+    high sparsity can do this (docs/results.md, "Layer collapse"). ``warned``: layers already warned
+    about (the algorithm's ``collapse.warned``, shared so that one collapse gives one warning);
+    the newly warned ones are added to it."""
     rep = sparsity_report(model)
     out: Dict[str, Any] = {"density": rep["density"]}
     if rep["empty_layers"]:
         out["empty_layers"] = rep["empty_layers"]
-        warnings.warn(f"layer collapse: the masks keep no weight of {', '.join(rep['empty_layers'])} (density "
-                      f"{rep['density']:.4g}); a layer on every path cuts the output off from the input. A lower "
-                      f"score learning rate or a layer-wise structure avoids it", UserWarning, stacklevel=2)
+        new = [n for n in rep["empty_layers"] if warned is None or n not in warned]
+        if warned is not None:
+            warned.update(new)
+        if new:
+            warnings.warn(f"layer collapse: the masks keep no weight of {', '.join(new)} "
+                          f"({len(rep['empty_layers'])} masked layers empty, density {rep['density']:.4g}); a layer "
+                          f"on every path cuts the output off from the input. A lower score learning rate or a "
+                          f"layer-wise structure avoids it", UserWarning, stacklevel=2)
     return out
 
 

@@ -381,8 +381,9 @@ class Trainer:
                 test_acc = evaluate(self.inner, self.test_loader, bf16=cfg.train.bf16)
                 self.epoch_in_seg += 1
                 self.global_epoch += 1
+                masks = mask_state(self.inner, self.alg.collapse.warned)  # one warning per collapsed layer
                 record = {"epoch": self.global_epoch, "segment": seg.name, "segment_epoch": self.epoch_in_seg,
-                          "round": seg.round, **rec, "test_acc": test_acc, **mask_state(self.inner),
+                          "round": seg.round, **rec, "test_acc": test_acc, **masks,
                           "lr": self.alg.current_lrs(), "seconds": train_s}
                 if self.skipped_steps:
                     record["skipped_steps"] = self.skipped_steps

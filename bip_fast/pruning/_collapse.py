@@ -29,7 +29,7 @@ class CollapseWatch:
         self.changes = 0
         self.checks = 0
         self.empty: List[str] = []
-        self._warned: Set[str] = set()
+        self.warned: Set[str] = set()  # shared with the engine's per-epoch mask_state: one warning per layer
 
     def due(self) -> bool:
         n = self.changes
@@ -43,9 +43,9 @@ class CollapseWatch:
         dev = modules[0].mask.device
         kept = torch.stack([m.mask.any().to(dev) for m in modules]).tolist()  # one sync
         self.empty = [n for n, k in zip(names, kept) if not k]
-        new = [n for n in self.empty if n not in self._warned]
+        new = [n for n in self.empty if n not in self.warned]
         if new:
-            self._warned.update(new)
+            self.warned.update(new)
             warnings.warn(f"layer collapse: at mask update {self.changes} (after {step} completed steps) the masks "
                           f"keep no weight of {', '.join(new)} "
                           f"({len(self.empty)} of {len(modules)} masked layers empty); a layer on every path cuts "
