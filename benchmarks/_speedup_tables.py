@@ -9,11 +9,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 try:  # imported as part of a package (python -m benchmarks.speedup)
     from ._speedup_report import label
-    from ._speedup_stats import NONINFERIORITY_MARGIN
+    from ._speedup_stats import NONINFERIORITY_MARGIN, paired, paired_diff
 except ImportError:  # run as a script, or loaded from its file path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _speedup_report import label  # type: ignore[no-redef]
-    from _speedup_stats import NONINFERIORITY_MARGIN  # type: ignore[no-redef]
+    from _speedup_stats import NONINFERIORITY_MARGIN, paired, paired_diff  # type: ignore[no-redef]
 
 
 def pct(x: Optional[float], std: Optional[float] = None) -> str:
@@ -98,6 +98,29 @@ def headline_table(rows: List[Dict[str, Any]], methods: Sequence[str]) -> str:
                      f"{'' if not pv else pv['verdict']} | {paired_str(r.get('paired_vs_dense'))} | "
                      f"{'n/a' if cost is None else f'{cost:.1f}'} | {fixed} | {eq} |")
     return "\n".join(lines)
+
+
+def pairs_table(rows: List[Dict[str, Any]], ref: str, others: Sequence[str]) -> str:
+    """``ref`` against each of ``others``, per target: test accuracy of ``ref`` minus the other's on
+    the same seed (they start from the same dense model), points, 95% t-interval, seeds positive,
+    verdict (``_speedup_stats.paired``, computed here from the rows' per-seed accuracies)."""
+    def per_seed(r: Dict[str, Any]) -> Dict[int, float]:
+        return dict(zip(r["seeds"], r["test_acc_per_seed"]))
+
+    at: Dict[float, Dict[str, Dict[str, Any]]] = {}
+    for r in rows:
+        at.setdefault(round(r["target_sparsity"], 4), {})[r["method"]] = r
+    out = ["| sparsity | " + " | ".join(f"{label(ref)} vs {label(m)}" for m in others) + " |",
+           "|---|" + "---|" * len(others)]
+    for t in sorted(at):
+        if ref not in at[t]:
+            continue
+        cells = []
+        for m in others:
+            p = paired(paired_diff(per_seed(at[t][ref]), per_seed(at[t][m]))) if m in at[t] else None
+            cells.append(f"{paired_str(p)} {p['verdict']}" if p else "")
+        out.append(f"| {100 * t:.1f}% | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def control_line(ctrl: Dict[str, Any]) -> str:

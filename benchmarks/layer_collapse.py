@@ -136,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=44, help="BiP steps followed (the preset's first evaluation point)")
     p.add_argument("--configs", default=",".join(configs({})), help="comma-separated subset of "
                    + ",".join(configs({})))
-    p.add_argument("--tuned-from", default=os.path.join(C.RESULTS_DIR, "speedup-cpu-cpu-next", "speedup.json"),
+    p.add_argument("--tuned-from", default=os.path.join(C.RESULTS_DIR, "speedup-cpu-cpu", "speedup.json"),
                    help="speedup.json whose tuning chose BiP's configuration")
     args = p.parse_args(argv)
     try:

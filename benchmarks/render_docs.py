@@ -13,10 +13,14 @@ Renderers (each a pure function of the JSON file; the tables are the benchmark's
   IMP and to dense with 95% intervals and verdicts, calibrated cost, speedup at IMP's validation
   accuracy with its 90% interval), the sparsest winning tickets and the control row;
 - ``speedup-table``: every column of ``benchmarks/speedup.py``'s table; ``speedup-tuning``: its grid;
+- ``speedup-pairs``: one method (``ref=``, default BiP alternating) against each of the others per
+  target, paired per seed (test accuracy points, 95% interval, seeds positive, verdict), computed
+  from the rows' per-seed accuracies with ``_speedup_stats.paired``;
 - ``structured``: where the file comes from, ``benchmarks/structured.py``'s table and, where the
   file has them, the mask flips per tenth of training.
 
-Options after the path: ``methods=a,b`` (speedup: the rows to show).
+Options after the path: ``methods=a,b`` (speedup, speedup-pairs: the methods to show), ``ref=m``
+(speedup-pairs).
 
     python benchmarks/render_docs.py            # rewrite every block of README.md and docs/*.md
     python benchmarks/render_docs.py --check    # exit 1 naming every block that differs from its file
@@ -114,6 +118,13 @@ def speedup_tuning(d: Dict[str, Any], path: str, opts: Dict[str, str]) -> str:
     return "\n".join([_origin(d, path), "", T.tuning_table(d["tuning"])])
 
 
+def speedup_pairs(d: Dict[str, Any], path: str, opts: Dict[str, str]) -> str:
+    """``ref`` (default BiP alternating) against every other method of ``methods``, paired per seed."""
+    ref = _methods(d, {"methods": opts.get("ref", "bip_alternating")})[0]
+    others = [m for m in _methods(d, opts) if m != ref and any(r["method"] == m for r in d["rows"])]
+    return "\n".join([_origin(d, path), "", T.pairs_table(d["rows"], ref, others)])
+
+
 def _flips_table(flips: Dict[str, Any], labels: Dict[str, str]) -> str:
     tenths = max((len(v["filters"]) for per in flips.values() for v in per.values()), default=0)
     if not tenths:
@@ -147,7 +158,8 @@ def structured(d: Dict[str, Any], path: str, opts: Dict[str, str]) -> str:
 
 
 RENDERERS: Dict[str, Callable[[Dict[str, Any], str, Dict[str, str]], str]] = {
-    "speedup": speedup, "speedup-table": speedup_table, "speedup-tuning": speedup_tuning, "structured": structured}
+    "speedup": speedup, "speedup-table": speedup_table, "speedup-tuning": speedup_tuning,
+    "speedup-pairs": speedup_pairs, "structured": structured}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 D = load_script("render_docs")
-_next = os.path.join("benchmarks", "results", "speedup-cpu-cpu-next", "speedup.json")
+_next = os.path.join("benchmarks", "results", "speedup-cpu-cpu", "speedup.json")  # the 5-seed run
 
 
 def test_committed_documents_match_their_results_files():
@@ -66,7 +66,7 @@ def test_partial_file_says_so_with_a_continue_command(tmp_path):
     D.run([str(p)], check=False, root=str(tmp_path))
     text = p.read_text()
     assert "**partial** (stopped in omp-r3-seed0" in text
-    assert "--max-minutes N" in text and "0.05" not in text
+    assert "--max-minutes N" in text and "--max-minutes 0.05" not in text
 
 
 @pytest.mark.parametrize("spec, body, match", [
@@ -96,6 +96,32 @@ def test_unknown_method_and_unclosed_block(tmp_path):
     with pytest.raises(D.RenderError, match="never closed"):
         D.run([str(q)], check=True)
     assert D.main([str(q)]) == 2
+
+
+def test_pairs_table_is_the_paired_difference_of_the_per_seed_accuracies(tmp_path):
+    """speedup-pairs: BiP against each other method per target, recomputed here by hand from the
+    rows' per-seed accuracies (mean and seeds positive), and a verdict for every cell."""
+    with open(os.path.join(ROOT, _next)) as f:
+        d = json.load(f)
+    row = {(r["method"], round(r["target_sparsity"], 4)): r for r in d["rows"]}
+    p = _doc(tmp_path, f"speedup-pairs {_next} methods=imp,gmp")
+    D.run([str(p)], check=False)
+    lines = [x for x in p.read_text().splitlines() if x.startswith("| ") and "%" in x]
+    targets = sorted({t for (m, t) in row if m == "bip_alternating"})
+    assert len(lines) == len(targets) and "| BiP (alternating) vs IMP | BiP (alternating) vs GMP |" in p.read_text()
+    for line, t in zip(lines, targets):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == f"{100 * t:.1f}%"
+        for cell, m in zip(cells[1:], ["imp", "gmp"]):
+            a, b = row[("bip_alternating", t)], row[(m, t)]
+            diffs = [100 * (x - dict(zip(b["seeds"], b["test_acc_per_seed"]))[s])
+                     for s, x in zip(a["seeds"], a["test_acc_per_seed"])]
+            assert cell.startswith(f"{sum(diffs) / len(diffs):+.2f} [")
+            assert f" {sum(x > 0 for x in diffs)}/{len(diffs)} " in cell
+            assert cell.split()[-1] in ("better", "non-inferior", "worse", "inconclusive")
+    q = _doc(tmp_path, f"speedup-pairs {_next} ref=nosuch")
+    with pytest.raises(D.RenderError, match="not in the file"):
+        D.run([str(q)], check=True)
 
 
 def test_structured_table_and_mask_flips(tmp_path):
