@@ -148,6 +148,7 @@ def calibrate(ctx: Ctx, methods: Sequence[str], pre: Dict[str, Any], rounds: int
                 per[k].append(t)
     out = {"s_per_step": {k: statistics.median(v) for k, v in per.items()},
            "s_per_step_p20_p80": {k: [_quantile(v, 0.2), _quantile(v, 0.8)] for k, v in per.items()},
+           "s_per_step_rounds": per,  # round r of every kind ran in one shuffled pass: pairs across kinds
            "cut_seconds": {m: _cut_seconds(ctx, m) for m in methods if m in AT_INIT},
            "hydra_score_steps": ctx.steps["hydra_score"], "kinds": sorted(kinds), "rounds": rounds, "chunk": chunk,
            "target_sparsity": 1.0 - (1.0 - IMP_RATE) ** target_round,

@@ -134,7 +134,9 @@ def control_line(ctrl: Dict[str, Any]) -> str:
 
     cal = ", ".join(f"{k} {1000 * v:.1f}" for k, v in (ctrl.get("s_per_step") or {}).items()) or "not measured yet"
     wall = ", ".join(f"{k} {1000 * v:.1f}" for k, v in (ctrl.get("wall_s_per_step") or {}).items())
-    return (f"control (the same SGD step): calibrated ms/step {cal} (spread {fmt(ctrl.get('max_rel_diff'))}, "
+    paired = ("" if ctrl.get("round_paired_max_rel_diff") is None
+              else f"; paired within rounds {fmt(ctrl['round_paired_max_rel_diff'])}")
+    return (f"control (the same SGD step): calibrated ms/step {cal} (spread {fmt(ctrl.get('max_rel_diff'))}{paired}, "
             f"agree within {100 * ctrl.get('limit', 0.05):.0f}%: {ctrl.get('calibrated_agree')}); wall-clock ms/step "
             f"{wall} (spread {fmt(ctrl.get('wall_max_rel_diff'))}, agree: {ctrl.get('wall_agree')})")
 

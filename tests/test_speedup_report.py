@@ -98,6 +98,14 @@ def test_cost_at_and_control():
     c = R.control(calib, {"dense": 1.0, "imp": 1.2, "omp": 1.0})
     assert c["max_rel_diff"] == pytest.approx(0.04) and c["calibrated_agree"] is True
     assert c["wall_max_rel_diff"] == pytest.approx(0.2) and c["wall_agree"] is False
+    assert "round_paired_max_rel_diff" not in c  # a calibration without its rounds
+    # rounds whose load drifts (x1, x1.3, x0.8) but where IMP's step is always 1% dearer than
+    # dense's and OMP's: the medians of the kinds may differ, the round-paired ratio sees the 1%
+    drift = [1.0, 1.3, 0.8]
+    calib["s_per_step_rounds"] = {"dense": drift, "imp": [1.01 * x for x in drift], "omp": drift}
+    c = R.control(calib, {})
+    assert c["round_paired_max_rel_diff"] == pytest.approx(0.01)
+    assert "paired within rounds 1.0%" in T.control_line(c)
 
 
 def test_convergence_criterion():
