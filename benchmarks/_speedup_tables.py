@@ -100,17 +100,22 @@ def headline_table(rows: List[Dict[str, Any]], methods: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def pairs_table(rows: List[Dict[str, Any]], ref: str, others: Sequence[str]) -> str:
+def pairs_table(rows: List[Dict[str, Any]], ref: str, others: Sequence[str],
+                labels: Optional[Dict[str, str]] = None) -> str:
     """``ref`` against each of ``others``, per target: test accuracy of ``ref`` minus the other's on
     the same seed (they start from the same dense model), points, 95% t-interval, seeds positive,
-    verdict (``_speedup_stats.paired``, computed here from the rows' per-seed accuracies)."""
+    verdict (``_speedup_stats.paired``, computed here from the rows' per-seed accuracies).
+    ``labels``: method -> name (default: the speedup benchmark's names)."""
+    def name(m: str) -> str:
+        return (labels or {}).get(m) or label(m)
+
     def per_seed(r: Dict[str, Any]) -> Dict[int, float]:
         return dict(zip(r["seeds"], r["test_acc_per_seed"]))
 
     at: Dict[float, Dict[str, Dict[str, Any]]] = {}
     for r in rows:
         at.setdefault(round(r["target_sparsity"], 4), {})[r["method"]] = r
-    out = ["| sparsity | " + " | ".join(f"{label(ref)} vs {label(m)}" for m in others) + " |",
+    out = ["| sparsity | " + " | ".join(f"{name(ref)} vs {name(m)}" for m in others) + " |",
            "|---|" + "---|" * len(others)]
     for t in sorted(at):
         if ref not in at[t]:

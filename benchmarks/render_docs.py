@@ -17,10 +17,12 @@ Renderers (each a pure function of the JSON file; the tables are the benchmark's
   target, paired per seed (test accuracy points, 95% interval, seeds positive, verdict), computed
   from the rows' per-seed accuracies with ``_speedup_stats.paired``;
 - ``structured``: where the file comes from, ``benchmarks/structured.py``'s table and, where the
-  file has them, the mask flips per tenth of training.
+  file has them, the mask flips per tenth of training;
+- ``structured-pairs``: the same paired table for ``benchmarks/structured.py``'s file (``ref=``,
+  default BiP with per-layer filter masks; every method starts from the same seed's dense model).
 
-Options after the path: ``methods=a,b`` (speedup, speedup-pairs: the methods to show), ``ref=m``
-(speedup-pairs).
+Options after the path: ``methods=a,b`` (speedup, speedup-pairs, structured-pairs: the methods to
+show), ``ref=m`` (speedup-pairs, structured-pairs).
 
     python benchmarks/render_docs.py            # rewrite every block of README.md and docs/*.md
     python benchmarks/render_docs.py --check    # exit 1 naming every block that differs from its file
@@ -125,6 +127,14 @@ def speedup_pairs(d: Dict[str, Any], path: str, opts: Dict[str, str]) -> str:
     return "\n".join([_origin(d, path), "", T.pairs_table(d["rows"], ref, others)])
 
 
+def structured_pairs(d: Dict[str, Any], path: str, opts: Dict[str, str]) -> str:
+    """``ref`` (default BiP with per-layer filter masks) against every other method of ``methods``."""
+    ref = _methods(d, {"methods": opts.get("ref", "bip_filter")})[0]
+    others = [m for m in _methods(d, opts) if m != ref and any(r["method"] == m for r in d["rows"])]
+    labels = {r["method"]: r["label"] for r in d["rows"]}
+    return "\n".join([_origin(d, path), "", T.pairs_table(d["rows"], ref, others, labels)])
+
+
 def _flips_table(flips: Dict[str, Any], labels: Dict[str, str]) -> str:
     tenths = max((len(v["filters"]) for per in flips.values() for v in per.values()), default=0)
     if not tenths:
@@ -159,7 +169,7 @@ def structured(d: Dict[str, Any], path: str, opts: Dict[str, str]) -> str:
 
 RENDERERS: Dict[str, Callable[[Dict[str, Any], str, Dict[str, str]], str]] = {
     "speedup": speedup, "speedup-table": speedup_table, "speedup-tuning": speedup_tuning,
-    "speedup-pairs": speedup_pairs, "structured": structured}
+    "speedup-pairs": speedup_pairs, "structured": structured, "structured-pairs": structured_pairs}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -140,3 +140,30 @@ def test_structured_table_and_mask_flips(tmp_path):
     assert f"{100 * bip['test_acc']:.2f} ± {100 * bip['test_acc_std']:.2f} (3)" in text
     assert f"| {bip['label']} | 80% | 3 | 19.7 | 4.7 |" in text
     assert "| IMP-F | all targets | 3 | 0.0 | 25.0 |" in text
+
+
+def test_structured_pairs_are_the_paired_difference_of_the_per_seed_accuracies(tmp_path):
+    src = os.path.join("benchmarks", "results", "structured-cpu", "structured.json")
+    with open(os.path.join(ROOT, src)) as f:
+        d = json.load(f)
+    p = _doc(tmp_path, f"structured-pairs {src} methods=bip_filter,l1_filter,omp_filter")
+    D.run([str(p)], check=False)
+    lines = [ln for ln in p.read_text().splitlines() if ln.startswith("| ")]
+    labels = {r["method"]: r["label"] for r in d["rows"]}
+    assert lines[0] == f"| sparsity | {labels['bip_filter']} vs {labels['l1_filter']} | " \
+                       f"{labels['bip_filter']} vs {labels['omp_filter']} |"
+    rows = {(r["method"], round(r["target_sparsity"], 4)): r for r in d["rows"]}
+    targets = sorted({t for m, t in rows if m == "bip_filter"})
+    assert len(lines) == 1 + len(targets)  # the header, then one row per target (the rule is |---|)
+    for t, line in zip(targets, lines[1:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == f"{100 * t:.1f}%"
+        for cell, m in zip(cells[1:], ["l1_filter", "omp_filter"]):
+            a, b = rows[("bip_filter", t)], rows[(m, t)]
+            other = dict(zip(b["seeds"], b["test_acc_per_seed"]))
+            diffs = [100 * (x - other[s]) for s, x in zip(a["seeds"], a["test_acc_per_seed"]) if s in other]
+            assert cell.startswith(f"{sum(diffs) / len(diffs):+.2f}")
+            assert f" {sum(x > 0 for x in diffs)}/{len(diffs)} " in cell
+    q = _doc(tmp_path, f"structured-pairs {src} ref=bip_alternating")
+    with pytest.raises(D.RenderError, match="not in the file"):
+        D.run([str(q)], check=True)
