@@ -65,7 +65,7 @@ except ImportError:  # run as a script
     from _structured_runs import make_algorithm, method_hparams, run_one_shot  # type: ignore[no-redef]
     from _speedup_stats import by_seed, paired, paired_diff  # type: ignore[no-redef]
 
-# The structured comparison's chosen configurations (benchmarks/results/structured-cpu, grid tuning
+# The structured comparison's chosen configurations (benchmarks/results/structured-cpu-val1k, grid tuning
 # at 50% filter sparsity on validation): BiP lr 0.1 with the scaled score lr, L1-norm lr 0.1 wd 5e-4.
 BASE = {"bip_filter": {"lr": 0.1, "score_lr": "scaled"}, "l1_filter": {"lr": 0.1, "weight_decay": 5e-4}}
 # name -> (method, configuration): each method's base settings and its extra configurations
