@@ -120,19 +120,21 @@ def speedup_tuning(d: Dict[str, Any], path: str, opts: Dict[str, str]) -> str:
     return "\n".join([_origin(d, path), "", T.tuning_table(d["tuning"])])
 
 
-def speedup_pairs(d: Dict[str, Any], path: str, opts: Dict[str, str]) -> str:
-    """``ref`` (default BiP alternating) against every other method of ``methods``, paired per seed."""
-    ref = _methods(d, {"methods": opts.get("ref", "bip_alternating")})[0]
+def _pairs(d: Dict[str, Any], path: str, opts: Dict[str, str], default_ref: str) -> str:
+    """``ref`` against every other method of ``methods`` that has rows, paired per seed, named as
+    the file's rows name them (where they do)."""
+    ref = _methods(d, {"methods": opts.get("ref", default_ref)})[0]
     others = [m for m in _methods(d, opts) if m != ref and any(r["method"] == m for r in d["rows"])]
-    return "\n".join([_origin(d, path), "", T.pairs_table(d["rows"], ref, others)])
+    labels = {r["method"]: r["label"] for r in d["rows"] if r.get("label")}
+    return "\n".join([_origin(d, path), "", T.pairs_table(d["rows"], ref, others, labels)])
+
+
+def speedup_pairs(d: Dict[str, Any], path: str, opts: Dict[str, str]) -> str:
+    return _pairs(d, path, opts, "bip_alternating")
 
 
 def structured_pairs(d: Dict[str, Any], path: str, opts: Dict[str, str]) -> str:
-    """``ref`` (default BiP with per-layer filter masks) against every other method of ``methods``."""
-    ref = _methods(d, {"methods": opts.get("ref", "bip_filter")})[0]
-    others = [m for m in _methods(d, opts) if m != ref and any(r["method"] == m for r in d["rows"])]
-    labels = {r["method"]: r["label"] for r in d["rows"]}
-    return "\n".join([_origin(d, path), "", T.pairs_table(d["rows"], ref, others, labels)])
+    return _pairs(d, path, opts, "bip_filter")  # BiP with per-layer filter masks
 
 
 def _flips_table(flips: Dict[str, Any], labels: Dict[str, str]) -> str:
