@@ -98,27 +98,36 @@ def test_unknown_method_and_unclosed_block(tmp_path):
     assert D.main([str(q)]) == 2
 
 
+def _assert_pairs_rows(text, d, ref, others):
+    """The rows of a rendered pairs block, recomputed here by hand from the file's per-seed
+    accuracies: per target the paired mean of ``ref`` minus each of ``others``, its interval's
+    opening bracket, the seeds positive and a verdict. Returns the header line."""
+    rows = {(r["method"], round(r["target_sparsity"], 4)): r for r in d["rows"]}
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]  # the rule line is |---|
+    targets = sorted({t for m, t in rows if m == ref})
+    assert len(lines) == 1 + len(targets)  # the header, then one row per target
+    for t, line in zip(targets, lines[1:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == f"{100 * t:.1f}%"
+        for cell, m in zip(cells[1:], others):
+            a, b = rows[(ref, t)], rows[(m, t)]
+            other = dict(zip(b["seeds"], b["test_acc_per_seed"]))
+            diffs = [100 * (x - other[s]) for s, x in zip(a["seeds"], a["test_acc_per_seed"]) if s in other]
+            assert cell.startswith(f"{sum(diffs) / len(diffs):+.2f} [")
+            assert f" {sum(x > 0 for x in diffs)}/{len(diffs)} " in cell
+            assert cell.split()[-1] in ("better", "non-inferior", "worse", "inconclusive")
+    return lines[0]
+
+
 def test_pairs_table_is_the_paired_difference_of_the_per_seed_accuracies(tmp_path):
     """speedup-pairs: BiP against each other method per target, recomputed here by hand from the
     rows' per-seed accuracies (mean and seeds positive), and a verdict for every cell."""
     with open(os.path.join(ROOT, _next)) as f:
         d = json.load(f)
-    row = {(r["method"], round(r["target_sparsity"], 4)): r for r in d["rows"]}
     p = _doc(tmp_path, f"speedup-pairs {_next} methods=imp,gmp")
     D.run([str(p)], check=False)
-    lines = [x for x in p.read_text().splitlines() if x.startswith("| ") and "%" in x]
-    targets = sorted({t for (m, t) in row if m == "bip_alternating"})
-    assert len(lines) == len(targets) and "| BiP (alternating) vs IMP | BiP (alternating) vs GMP |" in p.read_text()
-    for line, t in zip(lines, targets):
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[0] == f"{100 * t:.1f}%"
-        for cell, m in zip(cells[1:], ["imp", "gmp"]):
-            a, b = row[("bip_alternating", t)], row[(m, t)]
-            diffs = [100 * (x - dict(zip(b["seeds"], b["test_acc_per_seed"]))[s])
-                     for s, x in zip(a["seeds"], a["test_acc_per_seed"])]
-            assert cell.startswith(f"{sum(diffs) / len(diffs):+.2f} [")
-            assert f" {sum(x > 0 for x in diffs)}/{len(diffs)} " in cell
-            assert cell.split()[-1] in ("better", "non-inferior", "worse", "inconclusive")
+    head = _assert_pairs_rows(p.read_text(), d, "bip_alternating", ["imp", "gmp"])
+    assert head == "| sparsity | BiP (alternating) vs IMP | BiP (alternating) vs GMP |"
     q = _doc(tmp_path, f"speedup-pairs {_next} ref=nosuch")
     with pytest.raises(D.RenderError, match="not in the file"):
         D.run([str(q)], check=True)
@@ -148,22 +157,10 @@ def test_structured_pairs_are_the_paired_difference_of_the_per_seed_accuracies(t
         d = json.load(f)
     p = _doc(tmp_path, f"structured-pairs {src} methods=bip_filter,l1_filter,omp_filter")
     D.run([str(p)], check=False)
-    lines = [ln for ln in p.read_text().splitlines() if ln.startswith("| ")]
+    head = _assert_pairs_rows(p.read_text(), d, "bip_filter", ["l1_filter", "omp_filter"])
     labels = {r["method"]: r["label"] for r in d["rows"]}
-    assert lines[0] == f"| sparsity | {labels['bip_filter']} vs {labels['l1_filter']} | " \
-                       f"{labels['bip_filter']} vs {labels['omp_filter']} |"
-    rows = {(r["method"], round(r["target_sparsity"], 4)): r for r in d["rows"]}
-    targets = sorted({t for m, t in rows if m == "bip_filter"})
-    assert len(lines) == 1 + len(targets)  # the header, then one row per target (the rule is |---|)
-    for t, line in zip(targets, lines[1:]):
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[0] == f"{100 * t:.1f}%"
-        for cell, m in zip(cells[1:], ["l1_filter", "omp_filter"]):
-            a, b = rows[("bip_filter", t)], rows[(m, t)]
-            other = dict(zip(b["seeds"], b["test_acc_per_seed"]))
-            diffs = [100 * (x - other[s]) for s, x in zip(a["seeds"], a["test_acc_per_seed"]) if s in other]
-            assert cell.startswith(f"{sum(diffs) / len(diffs):+.2f}")
-            assert f" {sum(x > 0 for x in diffs)}/{len(diffs)} " in cell
+    assert head == f"| sparsity | {labels['bip_filter']} vs {labels['l1_filter']} | " \
+                   f"{labels['bip_filter']} vs {labels['omp_filter']} |"
     q = _doc(tmp_path, f"structured-pairs {src} ref=bip_alternating")
     with pytest.raises(D.RenderError, match="not in the file"):
         D.run([str(q)], check=True)
